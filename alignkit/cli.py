@@ -1,0 +1,239 @@
+"""``alignkit`` command line.
+
+    alignkit train CONFIG [key=value ...]        run a recipe (also under accelerate launch)
+    alignkit validate CONFIG [CONFIG ...]        check configs (and that data files parse)
+    alignkit preview CONFIG [--rows N]           show which tokens carry loss / mask weight
+    alignkit prepare CONFIG                      run a recipe's prepare stages only
+    alignkit eval RUN_DIR_OR_CONFIG              evaluate a finished run (or a config's base model)
+    alignkit demo [--seed S] [--recipes ...]     the tiny-world demo of every recipe
+    alignkit world build [--seed S] [--out DIR]  write the tiny world's datasets and model
+    alignkit launch --accelerate-config NAME CONFIG [key=value ...]
+    alignkit serve MODEL_DIR [--port P]          OpenAI-compatible server for a local model
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _setup_logging() -> None:
+    level = logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def cmd_train(args) -> int:
+    from alignkit.config import load_config
+    from alignkit.recipes import get_recipe
+
+    cfg = load_config(args.config, args.overrides)
+    run_dir = get_recipe(cfg.recipe).train(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"run complete: {run_dir}")
+        m = Path(run_dir) / "metrics.json"
+        if m.exists():
+            print(m.read_text())
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from alignkit.config import ConfigError, load_config
+
+    bad = 0
+    for path in args.configs:
+        try:
+            cfg = load_config(path, args.set or [])
+            print(f"ok: {path} (recipe {cfg.recipe})")
+        except ConfigError as e:
+            bad += 1
+            print(str(e), file=sys.stderr)
+    return 1 if bad else 0
+
+
+def cmd_preview(args) -> int:
+    from alignkit.config import load_config
+    from alignkit.data import load_rows, tokenize_rows
+    from alignkit.models import load_tokenizer
+    from alignkit.paths import expand_config
+    from alignkit.recipes import get_recipe
+
+    cfg = load_config(args.config, args.overrides)
+    recipe = get_recipe(cfg.recipe)
+    expand_config(cfg)
+    method = recipe.Method.model_validate(cfg.method)
+    weight_fn = None
+    if cfg.recipe == "mask_dpo":
+        if not recipe._is_annotated(cfg.data.train.path):
+            cfg.data.train.path, cfg.data.train.limit = str(recipe.prepare(cfg, method)), None
+        weight_fn = recipe.weights_for(method)
+    rows = load_rows(cfg.data.train, recipe.DATA_KIND, cfg.data.max_errors, cfg.data.system_prompt)[: args.rows]
+    tok = load_tokenizer(cfg.model)
+    toks, _ = tokenize_rows(recipe.DATA_KIND, rows, tok, cfg.data.train.path, cfg.data.max_length,
+                            cfg.data.length_policy, weight_fn)
+    color = sys.stdout.isatty() and not args.no_color
+    print("legend: plain = prompt (no loss)   [[x]] = trained token   {{x}} = completion token with weight 0")
+    for t in toks:
+        print(f"\n=== row {t['_row']} ===")
+        if "input_ids" in t:
+            print(render_tokens(tok, t["input_ids"], [None if m == 0 else 1.0 for m in t["completion_mask"]], color))
+        else:
+            for side in ("chosen", "rejected"):
+                w = t[f"{side}_weights"]
+                kept = sum(1 for x in w if x > 0)
+                print(f"--- {side}: {kept}/{len(w)} completion tokens weighted")
+                print(render_tokens(tok, t["prompt_ids"] + t[f"{side}_ids"], [None] * len(t["prompt_ids"]) + w, color))
+    return 0
+
+
+def render_tokens(tok, ids: list[int], weights: list, color: bool) -> str:
+    out = []
+    for i, w in zip(ids, weights):
+        s = tok.decode([i])
+        if w is None:
+            out.append(s)
+        elif w > 0:
+            out.append(f"\033[42m{s}\033[0m" if color else f"[[{s}]]")
+        else:
+            out.append(f"\033[41m{s}\033[0m" if color else f"{{{{{s}}}}}")
+    return "".join(out)
+
+
+def cmd_prepare(args) -> int:
+    from alignkit.config import load_config
+    from alignkit.recipes import get_recipe
+
+    cfg = load_config(args.config, args.overrides)
+    recipe = get_recipe(cfg.recipe)
+    if not hasattr(recipe, "prepare"):
+        print(f"recipe {cfg.recipe!r} has no prepare stages", file=sys.stderr)
+        return 1
+    print(recipe.prepare(cfg))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from alignkit.evaluation import evaluate_run
+
+    print(json.dumps(evaluate_run(args.target, args.overrides), indent=2))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from alignkit.demo import run_demo
+
+    run_demo(seed=args.seed, recipes=args.recipes, out=args.out, seeds=args.seeds)
+    return 0
+
+
+def cmd_world(args) -> int:
+    from alignkit.world import build_command
+
+    print(build_command(args.seed, args.out))
+    return 0
+
+
+def cmd_launch(args) -> int:
+    cfg = Path(args.accelerate_config)
+    if not cfg.exists():
+        cfg = CONFIGS_DIR / "accelerate" / f"{args.accelerate_config}.yaml"
+    if not cfg.exists():
+        names = sorted(p.stem for p in (CONFIGS_DIR / "accelerate").glob("*.yaml"))
+        print(f"unknown accelerate config {args.accelerate_config!r}; shipped: {names}", file=sys.stderr)
+        return 2
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(cfg)]
+    if args.num_processes:
+        cmd += ["--num_processes", str(args.num_processes)]
+    cmd += ["-m", "alignkit", "train", args.config, *args.overrides]
+    print("exec:", " ".join(cmd), flush=True)
+    os.execv(sys.executable, cmd)
+    return 0  # unreachable
+
+
+def cmd_serve(args) -> int:
+    from alignkit.serve import main as serve_main
+
+    return serve_main([args.model, "--port", str(args.port), "--host", args.host]) or 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="alignkit", description="Alignment fine-tuning recipes on TRL.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("train", help="run a recipe")
+    s.add_argument("config")
+    s.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    s.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser("validate", help="validate recipe configs")
+    s.add_argument("configs", nargs="+")
+    s.add_argument("--set", action="append", help="key=value override applied to every config")
+    s.set_defaults(fn=cmd_validate)
+
+    s = sub.add_parser("preview", help="show tokens carrying loss / mask weight")
+    s.add_argument("config")
+    s.add_argument("overrides", nargs="*")
+    s.add_argument("--rows", type=int, default=2)
+    s.add_argument("--no-color", action="store_true")
+    s.set_defaults(fn=cmd_preview)
+
+    s = sub.add_parser("prepare", help="run a recipe's prepare stages only")
+    s.add_argument("config")
+    s.add_argument("overrides", nargs="*")
+    s.set_defaults(fn=cmd_prepare)
+
+    s = sub.add_parser("eval", help="evaluate a run dir (or a config's model)")
+    s.add_argument("target")
+    s.add_argument("overrides", nargs="*")
+    s.set_defaults(fn=cmd_eval)
+
+    s = sub.add_parser("demo", help="tiny-world demo of every recipe")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seeds", type=int, nargs="*", default=None, help="extra world seeds for the robustness table")
+    s.add_argument("--recipes", nargs="*", default=None)
+    s.add_argument("--out", default="runs/demo")
+    s.set_defaults(fn=cmd_demo)
+
+    s = sub.add_parser("world", help="the tiny-world testbed")
+    ws = s.add_subparsers(dest="world_cmd", required=True)
+    b = ws.add_parser("build")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--out", default=None)
+    b.set_defaults(fn=cmd_world)
+
+    s = sub.add_parser("launch", help="exec accelerate launch with a shipped config")
+    s.add_argument("--accelerate-config", required=True, help="single|ddp|zero2|zero3|fsdp or a path")
+    s.add_argument("--num-processes", type=int, default=None)
+    s.add_argument("config")
+    s.add_argument("overrides", nargs="*")
+    s.set_defaults(fn=cmd_launch)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible server for a local model")
+    s.add_argument("model")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--host", default="127.0.0.1")
+    s.set_defaults(fn=cmd_serve)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from alignkit.config import ConfigError
+    from alignkit.data import DataError
+
+    _setup_logging()
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

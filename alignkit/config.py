@@ -1,0 +1,256 @@
+"""Recipe configs: YAML -> a strict, typed config.
+
+Sections: ``recipe``, ``seed``, ``output_dir``, ``model``, ``data``, ``method`` (the
+chosen recipe's own schema), ``train`` (passed through to transformers/TRL training
+arguments, names checked against them), ``eval``. Unknown keys, wrong types and
+impossible combinations fail here — before any model loads — with the field path and
+a "did you mean" suggestion. ``key=value`` overrides address any field by dotted path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """Every problem of a config file, with field paths and fixes."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoraConfig(Strict):
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+class QuantizationConfig(Strict):
+    load_in_4bit: bool = True
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+
+
+class ModelConfig(Strict):
+    name_or_path: str = "world:tiny"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    trust_remote_code: bool = False
+    attn_implementation: str | None = None
+    gradient_checkpointing: bool = False
+    lora: LoraConfig | None = None
+    quantization: QuantizationConfig | None = None
+    revision: str | None = None
+
+    @model_validator(mode="after")
+    def _qlora_needs_lora(self):
+        if self.quantization is not None and self.lora is None:
+            raise ValueError(
+                "quantization (QLoRA) needs LoRA: quantised weights cannot be trained directly; add `model.lora: {}`"
+            )
+        return self
+
+
+class DataSource(Strict):
+    path: str
+    format: Literal["auto", "jsonl", "json", "parquet", "csv", "disk", "hub"] = "auto"
+    split: str = "train"
+    columns: dict[str, str] = Field(default_factory=dict, description="canonical name -> column in the file")
+    limit: int | None = Field(None, ge=1)
+
+
+class DataConfig(Strict):
+    train: DataSource | None = None
+    eval: DataSource | None = None
+    max_length: int | None = Field(1024, ge=8)
+    length_policy: Literal["truncate", "drop", "raise"] = "truncate"
+    padding_free: bool = False
+    system_prompt: str | None = None
+    max_errors: int = Field(20, ge=1)
+
+
+class TrainConfig(BaseModel):
+    """Common fields typed here; any other transformers ``TrainingArguments`` field passes through."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+    learning_rate: float = Field(5e-6, gt=0)
+    max_steps: int = -1
+    num_train_epochs: float = Field(1.0, gt=0)
+    per_device_train_batch_size: int = Field(4, ge=1)
+    per_device_eval_batch_size: int = Field(8, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    warmup_steps: float = Field(0, ge=0, description="steps, or a fraction of all steps when < 1")
+    lr_scheduler_type: str = "linear"
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, ge=0)
+    logging_steps: int = Field(1, ge=1)
+    save_steps: int | None = Field(None, ge=1)
+    save_total_limit: int | None = Field(2, ge=1)
+    eval_steps: int | None = Field(None, ge=1)
+    bf16: bool = False
+    fp16: bool = False
+    resume_from_checkpoint: str | None = None
+    report_to: list[str] = Field(default_factory=lambda: ["tensorboard"])
+    dataloader_num_workers: int = Field(0, ge=0)
+    ddp_timeout: int = Field(1800, ge=1, description="process-group timeout (s); raise for slow rank-0 preprocessing")
+
+    @model_validator(mode="after")
+    def _check(self):
+        extras = set(self.model_extra or {})
+        if extras:
+            from transformers import TrainingArguments
+
+            known = {f.name for f in dataclasses.fields(TrainingArguments)}
+            unknown = sorted(extras - known)
+            if unknown:
+                k = unknown[0]
+                raise ValueError(f"unknown training argument '{k}'{_suggest(k, known | set(type(self).model_fields))}")
+        if self.bf16 and self.fp16:
+            raise ValueError("bf16 and fp16 are mutually exclusive")
+        return self
+
+
+class EvalSet(Strict):
+    task: Literal["qa", "factuality", "safety"]
+    path: str
+    limit: int | None = Field(None, ge=1)
+
+
+class EvalConfig(Strict):
+    enabled: bool = True
+    judge: dict[str, Any] = Field(default_factory=lambda: {"backend": "kb"})
+    max_new_tokens: int = Field(96, ge=1)
+    temperature: float = Field(0.0, ge=0)
+    num_samples: int = Field(1, ge=1)
+    batch_size: int = Field(32, ge=1)
+    limit: int | None = Field(None, ge=1)
+    datasets: dict[str, EvalSet] = Field(default_factory=dict, description="name -> {task, path}")
+
+
+class RunConfig(Strict):
+    recipe: str
+    seed: int = 0
+    output_dir: str = "runs/default"
+    overwrite_output_dir: bool = False
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    method: dict[str, Any] = Field(default_factory=dict)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    def method_config(self) -> BaseModel:
+        """The ``method`` section validated by the recipe's own schema."""
+        from alignkit.recipes import get_recipe
+
+        return get_recipe(self.recipe).Method.model_validate(self.method)
+
+
+def _suggest(key: str, options) -> str:
+    match = difflib.get_close_matches(key, list(options), n=1, cutoff=0.6)
+    return f"; did you mean '{match[0]}'?" if match else ""
+
+
+def _model_fields_at(path: tuple) -> set[str]:
+    model: Any = RunConfig
+    for part in path:
+        fields = getattr(model, "model_fields", {})
+        if part not in fields:
+            return set()
+        ann = fields[part].annotation
+        for cand in getattr(ann, "__args__", (ann,)):
+            if isinstance(cand, type) and issubclass(cand, BaseModel):
+                model = cand
+                break
+        else:
+            return set()
+    return set(getattr(model, "model_fields", {}))
+
+
+def _format_errors(err: ValidationError, source: str, prefix: tuple = ()) -> list[str]:
+    lines = []
+    for e in err.errors():
+        loc = tuple(x for x in (*prefix, *e["loc"]) if not isinstance(x, int) or True)
+        path = ".".join(str(x) for x in loc) or "<root>"
+        if e["type"] == "extra_forbidden":
+            key = str(loc[-1])
+            hint = _suggest(key, _model_fields_at(loc[:-1]))
+            lines.append(f"{source}: field '{path}': unknown key{hint}")
+        else:
+            got = e.get("input")
+            got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"{source}: field '{path}': {e['msg']}{got_s}")
+    return lines
+
+
+def set_dotted(d: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    cur = d
+    for p in parts[:-1]:
+        if not isinstance(cur.get(p), dict):
+            cur[p] = {}
+        cur = cur[p]
+    cur[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    out = []
+    for o in overrides:
+        if "=" not in o:
+            raise ConfigError(f"override {o!r}: expected key=value (e.g. train.learning_rate=1e-5)")
+        k, v = o.split("=", 1)
+        out.append((k.strip(), yaml.safe_load(v) if v != "" else None))
+    return out
+
+
+def load_config(path: str | Path | dict, overrides: list[str] | None = None) -> RunConfig:
+    """Load, override and validate a recipe config, including its ``method`` section."""
+    if isinstance(path, dict):
+        raw, source = dict(path), "<dict>"
+    else:
+        source = str(path)
+        try:
+            raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{source}: file not found") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{source}: invalid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level")
+    for k, v in parse_overrides(overrides or []):
+        set_dotted(raw, k, v)
+    try:
+        cfg = RunConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError("\n".join(_format_errors(e, source))) from None
+    from alignkit.recipes import RECIPES, get_recipe
+
+    if cfg.recipe not in RECIPES:
+        raise ConfigError(f"{source}: field 'recipe': unknown recipe {cfg.recipe!r}{_suggest(cfg.recipe, RECIPES)}; "
+                          f"available: {sorted(RECIPES)}")
+    recipe = get_recipe(cfg.recipe)
+    try:
+        method = recipe.Method.model_validate(cfg.method)
+    except ValidationError as e:
+        lines = []
+        for line in _format_errors(e, source, ("method",)):
+            if "unknown key" in line and "did you mean" not in line:
+                key = line.split("field '")[1].split("'")[0].split(".")[-1]
+                line += _suggest(key, recipe.Method.model_fields)
+            lines.append(line)
+        raise ConfigError("\n".join(lines)) from None
+    problems = recipe.check_config(cfg, method) if hasattr(recipe, "check_config") else []
+    if problems:
+        raise ConfigError("\n".join(f"{source}: {p}" for p in problems))
+    return cfg
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,35 @@
+"""The shared data module: load -> validate (per-kind schema) -> tokenise -> collate.
+
+    rows = load_rows(source, kind="preference")          # file/row/field errors, all at once
+    tokenised, report = tokenize_rows("preference", rows, tokenizer, file=source.path, ...)
+"""
+
+from __future__ import annotations
+
+from alignkit.data.collate import PaddingFreePreferenceCollator, PreferenceCollator, unpack
+from alignkit.data.errors import DataError, IssueCollector, RowIssue
+from alignkit.data.io import read_rows, write_jsonl_atomic
+from alignkit.data.schemas import KINDS, validate_rows
+from alignkit.data.sentences import get_splitter, register_splitter, split_sentences, split_spans
+from alignkit.data.tokenize import DataReport, encode, render, span_weights, tokenize_rows
+
+
+def load_rows(source, kind: str, max_errors: int = 20, system_prompt: str | None = None,
+              on_span_error: str = "raise") -> list[dict]:
+    """Read and validate a data source (a ``DataSource`` config or a path)."""
+    if isinstance(source, str):
+        path, fmt, split, columns, limit = source, "auto", "train", {}, None
+    else:
+        path, fmt, split, columns, limit = source.path, source.format, source.split, source.columns, source.limit
+    raw = read_rows(path, fmt, split, max_errors)
+    if limit is not None:
+        raw = raw[:limit]
+    return validate_rows(kind, raw, path, columns, system_prompt, max_errors, on_span_error)
+
+
+__all__ = [
+    "KINDS", "DataError", "DataReport", "IssueCollector", "PaddingFreePreferenceCollator", "PreferenceCollator",
+    "RowIssue", "encode", "get_splitter", "load_rows", "read_rows", "register_splitter", "render",
+    "span_weights", "split_sentences", "split_spans", "tokenize_rows", "unpack", "validate_rows",
+    "write_jsonl_atomic",
+]

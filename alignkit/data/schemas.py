@@ -1,0 +1,232 @@
+"""Row schemas per data kind, normalised to one internal shape.
+
+Accepted inputs (TRL's standard and conversational formats, and common column names):
+
+* ``sft``: ``prompt``/``completion`` (strings or message lists), or ``messages`` whose
+  last turn is the assistant's. -> ``{"prompt": [msgs], "completion": str}``
+* ``preference``: ``prompt``/``chosen``/``rejected`` (explicit prompt), or ``chosen``/
+  ``rejected`` as whole conversations sharing a prefix (implicit prompt); optional
+  sentence annotations ``chosen_sentences``/``chosen_labels`` (or ANAH's
+  ``chosen_item: {"sents", "type"}``), or character ``chosen_spans`` with labels.
+  -> ``{"prompt": [msgs], "chosen": str, "rejected": str, "chosen_spans": [(s, e, label)] | None, ...}``
+* ``qa``: ``question`` + ``answers`` (list, first = canonical) or ``answer``.
+* ``safety``: ``prompt`` (+ optional ``response``) + ``label``.
+
+Every problem is reported with file, 1-based row, field and reason, all at once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from alignkit.data.errors import IssueCollector
+
+KINDS = ("sft", "preference", "qa", "safety")
+ROLES = ("system", "user", "assistant", "tool")
+# Column names seen in public datasets, tried when the canonical column is absent.
+ALIASES = {
+    "prompt": ("question", "instruction", "query", "input"),
+    "completion": ("response", "answer", "output"),
+    "question": ("prompt", "query"),
+}
+# Sentence labels -> the three classes the judges use (mask_dpo.md §3: ANAH-v2 mapping).
+LABEL_MAP = {
+    "correct": "correct", "no_hallucination": "correct", "ok": "correct", 1: "correct", True: "correct",
+    "hallucination": "hallucination", "contradictory": "hallucination", "unverifiable": "hallucination",
+    0: "hallucination", False: "hallucination", "incorrect": "hallucination",
+    "nofact": "nofact", "no_fact": "nofact",
+}
+
+
+class _RowError(Exception):
+    def __init__(self, field: str, reason: str, span: bool = False):
+        self.field, self.reason, self.span = field, reason, span
+
+
+def _messages(value: Any, field: str) -> list[dict]:
+    if isinstance(value, str):
+        if not value.strip():
+            raise _RowError(field, "empty text")
+        return [{"role": "user", "content": value}]
+    if not isinstance(value, list) or not value:
+        raise _RowError(field, f"expected a string or a non-empty list of messages, got {type(value).__name__}")
+    out = []
+    for j, m in enumerate(value):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise _RowError(f"{field}[{j}]", "expected a message {'role': ..., 'content': ...}")
+        if m["role"] not in ROLES:
+            raise _RowError(f"{field}[{j}].role", f"unknown role {m['role']!r}; expected one of {ROLES}")
+        if not isinstance(m["content"], str):
+            raise _RowError(f"{field}[{j}].content", f"expected a string, got {type(m['content']).__name__}")
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+def _assistant_text(value: Any, field: str) -> str:
+    if isinstance(value, list):
+        msgs = _messages(value, field)
+        if len(msgs) != 1 or msgs[0]["role"] != "assistant":
+            raise _RowError(field, "a conversational completion must be exactly one assistant message")
+        value = msgs[0]["content"]
+    if not isinstance(value, str):
+        raise _RowError(field, f"expected a string or an assistant message, got {type(value).__name__}")
+    if not value.strip():
+        raise _RowError(field, "empty completion")
+    return value
+
+
+def _get(row: dict, name: str, columns: dict[str, str], required: bool = True) -> Any:
+    src = columns.get(name, name)
+    if src in row:
+        return row[src]
+    if name not in columns:
+        for alias in ALIASES.get(name, ()):
+            if alias in row:
+                return row[alias]
+    if required:
+        raise _RowError(src, "missing field" + (f" (mapped from '{name}')" if src != name else ""))
+    return None
+
+
+def _labelled_spans(row: dict, side: str, text: str, columns: dict[str, str]) -> list[tuple[int, int, str]] | None:
+    """Character spans of annotated sentences in ``text``, located exactly, with labels."""
+    sents = _get(row, f"{side}_sentences", columns, required=False)
+    labels = _get(row, f"{side}_labels", columns, required=False)
+    spans = _get(row, f"{side}_spans", columns, required=False)
+    item = row.get(f"{side}_item")
+    if sents is None and spans is None and isinstance(item, dict):  # official Mask-DPO / ANAH record
+        sents, labels = item.get("sents"), item.get("type")
+    if sents is None and spans is None:
+        return None
+    if labels is None or not isinstance(labels, list):
+        raise _RowError(f"{side}_labels", "missing or not a list (required with sentences/spans)")
+    norm = [LABEL_MAP.get(lab, "other") for lab in labels]
+    out: list[tuple[int, int, str]] = []
+    if spans is not None:
+        if not isinstance(spans, list) or len(spans) != len(labels):
+            raise _RowError(f"{side}_spans", "must be a list of [start, end] with one label each")
+        prev = 0
+        for j, sp in enumerate(spans):
+            if not (isinstance(sp, list | tuple) and len(sp) == 2 and all(isinstance(x, int) for x in sp)):
+                raise _RowError(f"{side}_spans[{j}]", "expected [start, end] integers")
+            s, e = sp
+            if not (0 <= s < e <= len(text)):
+                raise _RowError(f"{side}_spans[{j}]", f"span [{s}, {e}) outside the response (length {len(text)})", True)
+            if s < prev:
+                raise _RowError(f"{side}_spans[{j}]", "spans must be sorted and must not overlap", True)
+            out.append((s, e, norm[j]))
+            prev = e
+        return out
+    if not isinstance(sents, list) or len(sents) != len(labels):
+        raise _RowError(f"{side}_sentences", f"must be a list with one label each ({len(labels)} labels)")
+    cursor = 0
+    for j, sent in enumerate(sents):
+        if not isinstance(sent, str) or not sent:
+            raise _RowError(f"{side}_sentences[{j}]", "expected a non-empty string")
+        # Locate exactly, in order; whitespace between sentences may be skipped, nothing else.
+        pos = text.find(sent, cursor)
+        if pos < 0 or text[cursor:pos].strip():
+            raise _RowError(f"{side}_sentences[{j}]",
+                            f"sentence not found in the response at or after character {cursor}: {sent[:60]!r}", True)
+        out.append((pos, pos + len(sent), norm[j]))
+        cursor = pos + len(sent)
+    return out
+
+
+def _normalise_row(kind: str, row: dict, columns: dict[str, str], system_prompt: str | None,
+                   on_span_error: str = "raise") -> dict:
+    out: dict[str, Any] = {}
+    if kind in ("sft", "preference"):
+        if kind == "sft" and _get(row, "messages", columns, required=False) is not None:
+            msgs = _messages(_get(row, "messages", columns), columns.get("messages", "messages"))
+            if msgs[-1]["role"] != "assistant" or len(msgs) < 2:
+                raise _RowError("messages", "the last message must be the assistant's, after at least one other")
+            out["prompt"], out["completion"] = msgs[:-1], _assistant_text(msgs[-1]["content"], "messages[-1].content")
+        elif kind == "sft":
+            out["prompt"] = _messages(_get(row, "prompt", columns), columns.get("prompt", "prompt"))
+            out["completion"] = _assistant_text(_get(row, "completion", columns), columns.get("completion", "completion"))
+        else:
+            chosen, rejected = _get(row, "chosen", columns), _get(row, "rejected", columns)
+            prompt = _get(row, "prompt", columns, required=False)
+            if prompt is None:  # implicit prompt: shared conversation prefix
+                if not (isinstance(chosen, list) and isinstance(rejected, list)):
+                    raise _RowError("prompt", "missing field (and chosen/rejected are not conversations to extract it from)")
+                c, r = _messages(chosen, "chosen"), _messages(rejected, "rejected")
+                k = 0
+                while k < min(len(c), len(r)) - 1 and c[k] == r[k]:
+                    k += 1
+                prompt, chosen, rejected = c[:k], c[k:], r[k:]
+            out["prompt"] = _messages(prompt, columns.get("prompt", "prompt"))
+            out["chosen"] = _assistant_text(chosen, columns.get("chosen", "chosen"))
+            out["rejected"] = _assistant_text(rejected, columns.get("rejected", "rejected"))
+            if out["chosen"] == out["rejected"]:
+                raise _RowError("rejected", "chosen and rejected are identical (no preference signal)")
+            for side in ("chosen", "rejected"):
+                try:
+                    out[f"{side}_spans"] = _labelled_spans(row, side, out[side], columns)
+                except _RowError as e:
+                    if on_span_error == "raise":
+                        raise
+                    out[f"{side}_spans"], out["_span_error"] = None, f"{e.field}: {e.reason}"
+        if system_prompt and out["prompt"][0]["role"] != "system":
+            out["prompt"] = [{"role": "system", "content": system_prompt}, *out["prompt"]]
+    elif kind == "qa":
+        q = _get(row, "question", columns)
+        if not isinstance(q, str) or not q.strip():
+            raise _RowError(columns.get("question", "question"), "expected a non-empty string")
+        answers = _get(row, "answers", columns, required=False)
+        if answers is None:
+            answers = _get(row, "answer", columns, required=False)
+        if answers is None:
+            raise _RowError("answers", "missing field (give 'answers' as a list or 'answer' as a string)")
+        answers = [answers] if isinstance(answers, str) else answers
+        if not isinstance(answers, list) or not answers or not all(isinstance(a, str) and a.strip() for a in answers):
+            raise _RowError("answers", "expected a non-empty list of non-empty strings")
+        out["question"], out["answers"] = q, answers
+    elif kind == "safety":
+        p = _get(row, "prompt", columns)
+        if not isinstance(p, str) or not p.strip():
+            raise _RowError(columns.get("prompt", "prompt"), "expected a non-empty string")
+        label = _get(row, "label", columns)
+        if not isinstance(label, str | int | bool):
+            raise _RowError("label", f"expected a string or int label, got {type(label).__name__}")
+        out["prompt"], out["label"] = p, label
+        resp = _get(row, "response", columns, required=False)
+        if resp is not None:
+            out["response"] = resp
+    else:
+        raise ValueError(f"unknown data kind {kind!r}; expected one of {KINDS}")
+    # Keep metadata columns (entity, topic, ids...) for later stages and reports.
+    for k, v in row.items():
+        if k not in out and k not in columns.values() and not k.startswith(("chosen_", "rejected_")):
+            out.setdefault(k, v)
+    return out
+
+
+def validate_rows(
+    kind: str,
+    rows: list[tuple[int, dict]],
+    file: str,
+    columns: dict[str, str] | None = None,
+    system_prompt: str | None = None,
+    max_errors: int = 20,
+    on_span_error: str = "raise",
+) -> list[dict]:
+    """Normalise rows of ``kind``; raise one :class:`DataError` listing every bad row.
+
+    ``on_span_error`` (sentence annotations that cannot be located): ``raise`` (a data
+    error), or ``keep`` — the row is kept with ``_span_error`` set and no spans, for the
+    caller to drop or fall back on *and count* (Mask-DPO's ``on_mask_mismatch``).
+    """
+    columns = columns or {}
+    issues = IssueCollector(file, max_errors)
+    out = []
+    for i, row in rows:
+        try:
+            r = _normalise_row(kind, row, columns, system_prompt, on_span_error)
+            r["_row"] = i
+            out.append(r)
+        except _RowError as e:
+            issues.add(i, e.field, e.reason)
+    issues.raise_if_any()
+    return out

@@ -1,0 +1,26 @@
+"""Recipe registry. One module per recipe; each defines:
+
+* ``Method`` — a strict pydantic schema for the config's ``method`` section;
+* ``DATA_KIND`` — the row schema of ``data.train`` (see :mod:`alignkit.data.schemas`);
+* ``check_config(cfg, method) -> list[str]`` — impossible combinations, before any load;
+* ``train(cfg, callbacks=()) -> Path`` — run it, return the run directory.
+
+Evaluation is shared (:mod:`alignkit.evaluation`), driven by ``eval.datasets``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+RECIPES: dict[str, str] = {
+    "sft": "alignkit.recipes.sft",
+    "dpo": "alignkit.recipes.dpo",
+    "mask_dpo": "alignkit.recipes.mask_dpo",
+}
+
+
+def get_recipe(name: str) -> ModuleType:
+    if name not in RECIPES:
+        raise KeyError(f"unknown recipe {name!r}; available: {sorted(RECIPES)}")
+    return importlib.import_module(RECIPES[name])

@@ -1,0 +1,35 @@
+"""Direct Preference Optimization (Rafailov et al. 2023) — the response-level baseline.
+
+Same trainer as Mask-DPO with every completion token weighted 1, so the two differ
+only in their masks (the comparison Mask-DPO's Table 2 makes).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from alignkit.config import RunConfig, Strict
+from alignkit.training import load_train_rows, preference_checks, train_preference
+
+NAME = "dpo"
+DATA_KIND = "preference"
+
+
+class Method(Strict):
+    beta: float = Field(0.1, gt=0)
+    loss_type: Literal["sigmoid", "hinge", "ipo"] = "sigmoid"
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    precompute_ref_logps: bool = Field(False, description="one reference pass before training; no ref copy kept")
+
+
+def check_config(cfg: RunConfig, method: Method) -> list[str]:
+    return preference_checks(cfg, method)
+
+
+def train(cfg: RunConfig, callbacks=()) -> Path:
+    method = Method.model_validate(cfg.method)
+    rows, eval_rows = load_train_rows(cfg, DATA_KIND)
+    return train_preference(cfg, method, rows, eval_rows, None, callbacks)

@@ -1,0 +1,69 @@
+"""Supervised fine-tuning — the papers' common baseline.
+
+Runs on ``trl.SFTTrainer`` with rows tokenised by the shared data module (exact
+prompt/completion boundary, stop token trained); loss on completion tokens only.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pydantic import Field
+
+from alignkit.config import RunConfig, Strict
+from alignkit.training import (
+    RunLogCallback, atomic_write_text, common_checks, finish_run, is_main_process, load_train_rows,
+    prepare_run_dir, run_eval_after_training, training_arguments,
+)
+
+NAME = "sft"
+DATA_KIND = "sft"
+
+
+class Method(Strict):
+    completion_only_loss: bool = Field(True, description="train on completion tokens only (else prompt too)")
+
+
+def check_config(cfg: RunConfig, method: Method) -> list[str]:
+    return common_checks(cfg)
+
+
+def train(cfg: RunConfig, callbacks=()) -> Path:
+    from datasets import Dataset
+    from transformers import set_seed
+    from trl import SFTConfig, SFTTrainer
+
+    from alignkit.data import tokenize_rows
+    from alignkit.models import load_model, load_tokenizer
+
+    method = Method.model_validate(cfg.method)
+    rows, eval_rows = load_train_rows(cfg, DATA_KIND)
+    d = cfg.data
+    tok = load_tokenizer(cfg.model)
+    train_tok, report = tokenize_rows("sft", rows, tok, d.train.path, d.max_length, d.length_policy,
+                                      max_errors=d.max_errors)
+    eval_tok = None
+    if eval_rows:
+        eval_tok, _ = tokenize_rows("sft", eval_rows, tok, d.eval.path, d.max_length, d.length_policy,
+                                    max_errors=d.max_errors)
+    run_dir, resume = prepare_run_dir(cfg)
+    if is_main_process():
+        atomic_write_text(run_dir / "data_report.json", json.dumps(report.as_dict(), indent=2))
+    set_seed(cfg.seed)
+    model = load_model(cfg.model)
+    strip = lambda rs: [{"input_ids": r["input_ids"], "completion_mask": r["completion_mask"]} for r in rs]  # noqa: E731
+    args = training_arguments(
+        cfg, run_dir, cls=SFTConfig, max_length=d.max_length, padding_free=d.padding_free,
+        completion_only_loss=method.completion_only_loss, dataset_num_proc=None,
+    )
+    resume_step = int(Path(resume).name.split("-")[-1]) if resume else 0
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=Dataset.from_list(strip(train_tok)),
+        eval_dataset=Dataset.from_list(strip(eval_tok)) if eval_tok else None, processing_class=tok,
+        callbacks=[RunLogCallback(run_dir, resume_step), *callbacks],
+    )
+    trainer.train(resume_from_checkpoint=resume)
+    finish_run(trainer, tok, run_dir, {"data": report.as_dict()})
+    run_eval_after_training(cfg, run_dir, trainer.accelerator.unwrap_model(trainer.model), tok)
+    return run_dir

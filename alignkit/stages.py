@@ -1,0 +1,60 @@
+"""Prepare stages (sample / judge / annotate / select): fingerprinted, atomic, skipped on re-run.
+
+Each stage's output is ``<stage_dir>/<name>-<fingerprint>.jsonl`` plus a
+``.provenance.json`` naming its inputs; the fingerprint hashes everything the output
+depends on (input file digests, model fingerprint, parameters), so an unchanged stage
+costs nothing and a changed one can never be confused with an old result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from alignkit.data import write_jsonl_atomic
+
+log = logging.getLogger(__name__)
+
+
+def default_stage_dir() -> Path:
+    return Path(os.environ.get("ALIGNKIT_CACHE", Path.home() / ".cache" / "alignkit")) / "stages"
+
+
+def fingerprint(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def file_digest(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    return [json.loads(x) for x in Path(path).read_text(encoding="utf-8").splitlines() if x.strip()]
+
+
+def run_stage(name: str, key: dict, fn: Callable[[], list[dict]], stage_dir: str | Path | None = None) -> Path:
+    """Return the stage output path, computing it with ``fn`` only when not cached."""
+    stage_dir = Path(stage_dir) if stage_dir else default_stage_dir()
+    fp = fingerprint(name, key)
+    out = stage_dir / f"{name}-{fp}.jsonl"
+    if out.exists():
+        log.info("stage %s: inputs unchanged, reusing %s", name, out)
+        return out
+    t0 = time.time()
+    rows = fn()
+    write_jsonl_atomic(out, rows)
+    prov = {"stage": name, "fingerprint": fp, "inputs": key, "rows": len(rows), "seconds": round(time.time() - t0, 2)}
+    tmp = out.with_suffix(".provenance.tmp")
+    tmp.write_text(json.dumps(prov, indent=2, default=str))
+    os.replace(tmp, out.with_suffix(".provenance.json"))
+    log.info("stage %s: %d rows in %.1fs -> %s", name, len(rows), prov["seconds"], out)
+    return out
