@@ -69,9 +69,11 @@ def cmd_preview(args) -> int:
     expand_config(cfg)
     method = recipe.Method.model_validate(cfg.method)
     weight_fn = None
-    if cfg.recipe == "mask_dpo":
-        if not recipe._is_annotated(cfg.data.train.path):
-            cfg.data.train.path, cfg.data.train.limit = str(recipe.prepare(cfg, method)), None
+    if hasattr(method, "gen_num_samples"):  # recipes that build their own pairs from prompts
+        from alignkit.pairs import resolve_train_pairs
+
+        resolve_train_pairs(cfg, method)
+    if hasattr(recipe, "weights_for"):
         weight_fn = recipe.weights_for(method)
     rows = load_rows(cfg.data.train, recipe.DATA_KIND, cfg.data.max_errors, cfg.data.system_prompt)[: args.rows]
     tok = load_tokenizer(cfg.model)
@@ -107,14 +109,17 @@ def render_tokens(tok, ids: list[int], weights: list, color: bool) -> str:
 
 def cmd_prepare(args) -> int:
     from alignkit.config import load_config
+    from alignkit.pairs import PairsConfig, build_pairs
+    from alignkit.paths import expand_config
     from alignkit.recipes import get_recipe
 
     cfg = load_config(args.config, args.overrides)
-    recipe = get_recipe(cfg.recipe)
-    if not hasattr(recipe, "prepare"):
+    method = get_recipe(cfg.recipe).Method.model_validate(cfg.method)
+    if not isinstance(method, PairsConfig):
         print(f"recipe {cfg.recipe!r} has no prepare stages", file=sys.stderr)
         return 1
-    print(recipe.prepare(cfg))
+    expand_config(cfg)
+    print(build_pairs(cfg, method))
     return 0
 
 

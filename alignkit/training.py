@@ -63,7 +63,9 @@ def prepare_run_dir(cfg: RunConfig) -> tuple[Path, str | None]:
     """Create the run dir, refusing to clobber an earlier run unless resuming or told to."""
     run = Path(cfg.output_dir)
     resume = resolve_resume(cfg)
-    if run.exists() and any(run.iterdir()) and resume is None:
+    # Only rank 0 decides: other ranks would see the directory rank 0 just created. If
+    # rank 0 refuses, the launcher tears the other ranks down.
+    if is_main_process() and run.exists() and any(run.iterdir()) and resume is None:
         if cfg.train.resume_from_checkpoint == "auto" and not (run / RUN_MARKER).exists():
             pass  # auto with nothing to resume: start over in the same (incomplete) dir
         elif not cfg.overwrite_output_dir:

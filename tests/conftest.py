@@ -65,3 +65,39 @@ def build_random_tiny_model(path: Path, seed: int = 0) -> Path:
 @pytest.fixture(scope="session")
 def tiny_random_model_dir(tmp_path_factory) -> Path:
     return build_random_tiny_model(tmp_path_factory.mktemp("tiny_random") / "model")
+
+
+def write_toy_data(d: Path, n: int = 16) -> dict[str, Path]:
+    """Tiny preference/SFT files with sentence annotations (for trainer-level tests)."""
+    import json
+
+    d.mkdir(parents=True, exist_ok=True)
+    pref, sft = [], []
+    for i in range(n):
+        c1, c2 = f"Person {i} was born in Velm. ", f"They paid ${i}.50 for it."
+        r1, r2 = f"Person {i} was born in Tarn. ", "Really?"
+        pref.append({"prompt": f"Tell me about person {i}.", "chosen": c1 + c2, "rejected": r1 + r2,
+                     "chosen_sentences": [c1, c2], "chosen_labels": ["correct", "hallucination"],
+                     "rejected_sentences": [r1, r2], "rejected_labels": ["hallucination", "correct"]})
+        sft.append({"prompt": f"Tell me about person {i}.", "completion": c1 + c2})
+    paths = {"pref": d / "pref.jsonl", "sft": d / "sft.jsonl"}
+    for key, rows in (("pref", pref), ("sft", sft)):
+        paths[key].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return paths
+
+
+@pytest.fixture(scope="session")
+def toy_data(tmp_path_factory) -> dict[str, Path]:
+    return write_toy_data(tmp_path_factory.mktemp("toy_data"))
+
+
+def toy_config(recipe: str, model_dir: Path, data: Path, out: Path, **train) -> dict:
+    """A minimal config dict for trainer-level tests on the random tiny model."""
+    return {
+        "recipe": recipe, "output_dir": str(out), "seed": 0,
+        "model": {"name_or_path": str(model_dir)},
+        "data": {"train": {"path": str(data)}, "max_length": 64},
+        "eval": {"enabled": False},
+        "train": {"max_steps": 2, "per_device_train_batch_size": 4, "learning_rate": 1e-3, "report_to": [],
+                  "logging_steps": 1, **train},
+    }

@@ -31,9 +31,9 @@ ALIASES = {
 }
 # Sentence labels -> the three classes the judges use (mask_dpo.md §3: ANAH-v2 mapping).
 LABEL_MAP = {
-    "correct": "correct", "no_hallucination": "correct", "ok": "correct", 1: "correct", True: "correct",
+    "correct": "correct", "no_hallucination": "correct", "ok": "correct", 1: "correct",  # True == 1
     "hallucination": "hallucination", "contradictory": "hallucination", "unverifiable": "hallucination",
-    0: "hallucination", False: "hallucination", "incorrect": "hallucination",
+    0: "hallucination",  # False == 0 "incorrect": "hallucination",
     "nofact": "nofact", "no_fact": "nofact",
 }
 

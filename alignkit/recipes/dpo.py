@@ -1,7 +1,8 @@
 """Direct Preference Optimization (Rafailov et al. 2023) — the response-level baseline.
 
-Same trainer as Mask-DPO with every completion token weighted 1, so the two differ
-only in their masks (the comparison Mask-DPO's Table 2 makes).
+Same trainer and, given prompts, the same self-sampled pairs as Mask-DPO
+(:mod:`alignkit.pairs`), with every completion token weighted 1 — so the two differ
+only in their masks, the comparison of Mask-DPO's Table 2 (68.44 vs 77.53).
 """
 
 from __future__ import annotations
@@ -11,14 +12,15 @@ from typing import Literal
 
 from pydantic import Field
 
-from alignkit.config import RunConfig, Strict
+from alignkit.config import RunConfig
+from alignkit.pairs import PairsConfig, resolve_train_pairs
 from alignkit.training import load_train_rows, preference_checks, train_preference
 
 NAME = "dpo"
 DATA_KIND = "preference"
 
 
-class Method(Strict):
+class Method(PairsConfig):
     beta: float = Field(0.1, gt=0)
     loss_type: Literal["sigmoid", "hinge", "ipo"] = "sigmoid"
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
@@ -30,6 +32,10 @@ def check_config(cfg: RunConfig, method: Method) -> list[str]:
 
 
 def train(cfg: RunConfig, callbacks=()) -> Path:
+    from alignkit.paths import expand_config
+
     method = Method.model_validate(cfg.method)
+    expand_config(cfg)
+    resolve_train_pairs(cfg, method)
     rows, eval_rows = load_train_rows(cfg, DATA_KIND)
     return train_preference(cfg, method, rows, eval_rows, None, callbacks)

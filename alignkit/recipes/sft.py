@@ -13,8 +13,15 @@ from pydantic import Field
 
 from alignkit.config import RunConfig, Strict
 from alignkit.training import (
-    RunLogCallback, atomic_write_text, common_checks, finish_run, is_main_process, load_train_rows,
-    prepare_run_dir, run_eval_after_training, training_arguments,
+    RunLogCallback,
+    atomic_write_text,
+    common_checks,
+    finish_run,
+    is_main_process,
+    load_train_rows,
+    prepare_run_dir,
+    run_eval_after_training,
+    training_arguments,
 )
 
 NAME = "sft"

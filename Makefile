@@ -1,0 +1,47 @@
+# alignkit — everything installs into .venv/ from nothing.
+#   make demo   the tiny-world demo of every recipe (main job)
+#   make test   the test suite (what CI runs)
+PY     ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.alignkit-installed
+# CPU build pinned for machines without CUDA (an unpinned torch pulls several GB of CUDA wheels).
+TORCH_CPU := torch==2.13.0
+export ALIGNKIT_CACHE ?= $(CURDIR)/.cache/alignkit
+export TOKENIZERS_PARALLELISM := false
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+PYTEST_ARGS ?=
+
+.PHONY: setup test test-fast demo bench lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then \
+		echo "CUDA found: installing the default torch build"; $(BIN)/pip install -q torch; \
+	else \
+		echo "no CUDA: installing the CPU torch pin $(TORCH_CPU)"; $(BIN)/pip install -q $(TORCH_CPU); \
+	fi
+	$(BIN)/pip install -q -e ".[all]"
+	@touch $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest -q -ra --durations=15 $(PYTEST_ARGS)
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow and not distributed" $(PYTEST_ARGS)
+
+demo: setup
+	$(BIN)/alignkit demo --out runs/demo
+
+bench: setup
+	$(BIN)/python benchmarks/bench_dpo.py
+
+lint: setup
+	$(BIN)/ruff check alignkit tests benchmarks
+
+clean:
+	rm -rf $(VENV) .cache runs .pytest_cache

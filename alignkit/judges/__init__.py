@@ -1,0 +1,55 @@
+"""Judges: one small protocol (:mod:`alignkit.judges.base`), several backends.
+
+``build_judge({"backend": "rules", ...kwargs})`` builds one from a config dict.
+Backends are imported lazily, so using the rules judge never imports torch and
+using the HTTP judge never loads transformers.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from typing import Any
+
+from alignkit.judges.base import SENTENCE_LABELS, Judge, JudgeRequest
+
+# backend name -> (module, class)
+JUDGE_BACKENDS: dict[str, tuple[str, str]] = {
+    "kb": ("alignkit.judges.kb", "KBJudge"),
+    "rules": ("alignkit.judges.rules", "RulesJudge"),
+    "hf": ("alignkit.judges.hf", "HFJudge"),
+    "http": ("alignkit.judges.http", "HTTPJudge"),
+}
+
+_LAZY = {cls: mod for mod, cls in JUDGE_BACKENDS.values()} | {"HTTPJudgeError": "alignkit.judges.http"}
+
+__all__ = ["JUDGE_BACKENDS", "SENTENCE_LABELS", "Judge", "JudgeRequest", "build_judge", *sorted(_LAZY)]
+
+
+def build_judge(spec: Mapping[str, Any]) -> Judge:
+    """Build a judge from ``{"backend": "kb"|"rules"|"hf"|"http", **constructor kwargs}``.
+
+    Raises ``ValueError`` naming the valid backends for an unknown or missing backend,
+    and naming the backend for constructor arguments it does not take.
+    """
+    if not isinstance(spec, Mapping):
+        raise ValueError(f"judge spec must be a mapping with a 'backend' key, got {type(spec).__name__}")
+    kwargs = dict(spec)
+    backend = kwargs.pop("backend", None)
+    if backend not in JUDGE_BACKENDS:
+        raise ValueError(
+            f"unknown judge backend {backend!r}; valid backends: {', '.join(sorted(JUDGE_BACKENDS))}"
+        )
+    module, cls_name = JUDGE_BACKENDS[backend]
+    cls = getattr(importlib.import_module(module), cls_name)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        # Bad keys in a config are a config error; name the backend so the fix is obvious.
+        raise ValueError(f"judge backend {backend!r}: {e}") from e
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,47 @@
+"""Markdown report + PNG plots from demo/eval metrics."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+
+def fmt(x, pct: bool = True) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "—"
+    return f"{100 * x:.1f}" if pct else f"{x:.3g}"
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def bar_plot(path: Path, title: str, labels: list[str], series: dict[str, list[float]], ylabel: str) -> Path:
+    """Grouped bars: one group per label, one bar per series (e.g. per seed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(labels), 3.4), dpi=110)
+    n = max(len(series), 1)
+    width = 0.8 / n
+    for k, (name, vals) in enumerate(series.items()):
+        xs = [i + (k - (n - 1) / 2) * width for i in range(len(labels))]
+        ys = [0 if (v is None or (isinstance(v, float) and math.isnan(v))) else 100 * v for v in vals]
+        bars = ax.bar(xs, ys, width, label=name)
+        for b, y in zip(bars, ys):
+            ax.annotate(f"{y:.0f}", (b.get_x() + b.get_width() / 2, y), ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, 105)
+    ax.set_title(title, fontsize=10)
+    if len(series) > 1:
+        ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

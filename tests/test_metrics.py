@@ -1,0 +1,155 @@
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from alignkit import metrics as M
+
+
+def test_factuality_score_paper_check_and_edge_cases():
+    assert M.factuality_score(461, 476) == pytest.approx(0.491995, abs=1e-6)
+    assert M.factuality_score(461, 476, percent=True) == pytest.approx(49.19, abs=0.01)  # paper: 49.19
+    assert math.isnan(M.factuality_score(0, 0))
+    with pytest.raises(ValueError):
+        M.factuality_score(-1, 2)
+
+
+def test_anah_v2_score_code():
+    assert M.anah_v2_score_code(3, 10) == pytest.approx(70.0)
+    assert M.anah_v2_score_code(3, 10, percent=False) == pytest.approx(0.7)
+    assert math.isnan(M.anah_v2_score_code(0, 0))
+    with pytest.raises(ValueError, match="exceed"):
+        M.anah_v2_score_code(5, 4)
+    # nofact in the denominator makes the code score higher than the paper score.
+    assert M.anah_v2_score_code(3, 10, percent=False) > M.factuality_score(5, 3)
+
+
+def test_factuality_from_labels():
+    out = M.factuality_from_labels(
+        [
+            ["correct", "hallucination", "nofact"],
+            ["ok", "contradictory", "unverifiable", "nofact"],
+            [],
+        ]
+    )
+    assert (out["n_responses"], out["n_sentences"]) == (3, 7)
+    assert (out["n_correct"], out["n_hallucination"], out["n_nofact"]) == (2, 3, 2)
+    assert out["score"] == pytest.approx(2 / 5)
+    assert out["score_code"] == pytest.approx(1 - 3 / 7)
+    assert out["macro_score"] == pytest.approx((1 / 2 + 1 / 3) / 2)
+    with pytest.raises(ValueError, match="response 0, sentence 1"):
+        M.factuality_from_labels([["ok", "maybe"]])
+    with pytest.raises(ValueError):
+        M.factuality_from_labels([])
+
+
+def test_qa_rates_refusal_precedes_correctness():
+    r = M.qa_rates([True, True, False, False, True], [False, False, False, True, True])
+    assert (r["n_correct"], r["n_wrong"], r["n_refusal"]) == (2, 1, 2)
+    assert (r["p_correct"], r["p_wrong"], r["p_refusal"]) == pytest.approx((0.4, 0.2, 0.4))
+    with pytest.raises(ValueError):
+        M.qa_rates([True], [True, False])
+
+
+def test_ths_worked_rows_and_definition():
+    # craft.md §3: LLaMA3-8B MMLU CRaFT: 53.3 - 9.6 * (66.8 / 33.1) = 33.9 (reported 34.0).
+    ths = M.truthful_helpfulness_score(53.3, 9.6, 66.8, 33.1)
+    assert ths == pytest.approx(53.3 - 9.6 * 66.8 / 33.1)
+    assert round(ths, 1) == 33.9
+    # LLaMA2 TriviaQA CRaFT row: 38.5/12.9 vs Init-Basic 54.0/46.0 -> 23.36 (reported 23.3; cells reconcile to ~0.2).
+    assert M.truthful_helpfulness_score(38.5, 12.9, 54.0, 46.0) == pytest.approx(23.3, abs=0.2)
+    # Fractions in, fraction out.
+    assert M.truthful_helpfulness_score(0.533, 0.096, 0.668, 0.331) == pytest.approx(ths / 100)
+    # Cross-product definition (OE2 x OE1) / (OA x OE1).
+    e1, e2, a = np.array([0.668, 0.331]), np.array([0.533, 0.096]), np.array([1.0, 0.0])
+    cross = lambda u, v: u[0] * v[1] - u[1] * v[0]  # noqa: E731
+    assert M.truthful_helpfulness_score(*e2, *e1) == pytest.approx(cross(e2, e1) / cross(a, e1))
+    # Anchors: M0 itself -> 0, perfect -> 100 %, worse than M0 -> negative.
+    assert M.truthful_helpfulness_score(66.8, 33.1, 66.8, 33.1) == pytest.approx(0.0)
+    assert M.truthful_helpfulness_score(100, 0, 66.8, 33.1) == pytest.approx(100.0)
+    assert M.truthful_helpfulness_score(55.0, 38.1, 66.8, 33.2) < 0
+    assert math.isnan(M.truthful_helpfulness_score(50, 10, 100, 0))
+
+
+def test_aed_endpoints_and_examples():
+    assert M.accuracy_engagement_distance(10, 0, 10) == 0.0
+    assert M.accuracy_engagement_distance(0, 10, 10) == pytest.approx(1.0)
+    assert M.accuracy_engagement_distance(70, 30, 100) == pytest.approx(0.30)
+    assert M.accuracy_engagement_distance(0, 0, 10) == pytest.approx(1 / math.sqrt(2))  # all abstain
+    # "answering only 10 questions at 70%": sqrt((9 + 93^2) / 20000) at |D| = 100, -> 1/sqrt(2) for large |D|.
+    assert M.accuracy_engagement_distance(7, 3, 100) == pytest.approx(math.sqrt((9 + 93**2) / 20000))
+    assert round(M.accuracy_engagement_distance(7, 3, 10**6), 2) == 0.71
+    with pytest.raises(ValueError):
+        M.accuracy_engagement_distance(0, 0, 0)
+    with pytest.raises(ValueError, match="exceeds"):
+        M.accuracy_engagement_distance(6, 5, 10)
+
+
+def test_semantic_entropy_discrete():
+    assert M.semantic_entropy([0, 0, 1, 1]) == pytest.approx(math.log(2))
+    assert M.semantic_entropy([3] * 10) == 0.0
+    assert M.semantic_entropy(list(range(10))) == pytest.approx(math.log(10))
+    assert M.semantic_entropy([0, 0, 0, 1]) == pytest.approx(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25)))
+    assert M.semantic_entropy(["Velm", "Velm", "Tarnia"]) == M.semantic_entropy([0, 0, 1])  # string entropy
+    with pytest.raises(ValueError):
+        M.semantic_entropy([])
+
+
+def test_semantic_entropy_likelihood_weighted():
+    # Equal likelihoods reduce to the discrete estimate.
+    assert M.semantic_entropy([0, 0, 1, 2], [-1.0] * 4) == pytest.approx(M.semantic_entropy([0, 0, 1, 2]))
+    # p~ = (0.25, 0.25, 0.5): clusters {0,1} and {2} -> p(C) = (0.5, 0.5).
+    assert M.semantic_entropy([0, 0, 1], [0.0, 0.0, math.log(2)]) == pytest.approx(math.log(2))
+    # Normalisation is over the samples, so a constant shift changes nothing.
+    assert M.semantic_entropy([0, 1], [math.log(3) - 7, -7.0]) == pytest.approx(
+        -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
+    )
+    with pytest.raises(ValueError, match="shape"):
+        M.semantic_entropy([0, 1], [0.0])
+
+
+def test_rates():
+    assert M.refusal_rate([True, False, False, True]) == 0.5
+    assert M.harmful_compliance_rate([1, 0, 0, 0]) == 0.25
+    assert M.over_refusal_rate([False, False, True]) == pytest.approx(1 / 3)
+    for fn in (M.refusal_rate, M.harmful_compliance_rate, M.over_refusal_rate, M.compliance_rate):
+        with pytest.raises(ValueError, match="empty"):
+            fn([])
+
+
+def test_jailbreak_metrics():
+    assert M.strongreject_score(False, 5, 5) == 1.0
+    assert M.strongreject_score(False, 1, 1) == 0.0
+    assert M.strongreject_score(True, 5, 5) == 0.0
+    assert M.strongreject_score(False, 3, 4) == pytest.approx(0.625)
+    with pytest.raises(ValueError):
+        M.strongreject_score(False, 0, 3)
+    assert M.mean_effectiveness_score([0.5, 1.0, 0.0]) == pytest.approx(0.5)
+    with pytest.raises(ValueError):
+        M.mean_effectiveness_score([1.2])
+    assert M.compliance_rate([1, 0, 1, 1]) == 0.75
+    comp = {"plain": [1, 0, 0, 0], "pair": [0, 0, 1, 0]}
+    assert M.model_breach_rate(comp) == 0.5
+    eff = {"a": [1.0, 0.5, 0.0], "b": [0.2, 0.5, 1.0]}
+    assert M.model_breach_rate(eff, success="effectiveness_eq_1") == pytest.approx(2 / 3)
+    assert M.model_breach_rate(eff, success="effectiveness_ge_threshold", threshold=0.5) == 1.0
+    with pytest.raises(ValueError, match="different numbers"):
+        M.model_breach_rate({"a": [1], "b": [1, 0]})
+    with pytest.raises(ValueError, match="threshold"):
+        M.model_breach_rate(eff, success="effectiveness_ge_threshold")
+
+
+def test_safety_utility_overall():
+    out = M.safety_utility_overall([1, 1, 1, 0, 0], [0, 1, 0, 1, 0])
+    assert out["utility"] == pytest.approx(2 / 3)
+    assert out["safety"] == pytest.approx(1 / 2)
+    assert out["overall"] == pytest.approx(3 / 5)
+    assert out["overall_macro"] == pytest.approx((2 / 3 + 1 / 2) / 2)
+    macro = M.safety_utility_overall([1, 1, 1, 0, 0], [0, 1, 0, 1, 0], overall_mode="macro_mean")
+    assert macro["overall"] == pytest.approx(out["overall_macro"])
+    only_legit = M.safety_utility_overall([1, 1], [0, 0])
+    assert math.isnan(only_legit["safety"]) and only_legit["utility"] == 1.0
+    with pytest.raises(ValueError):
+        M.safety_utility_overall([], [])
