@@ -102,6 +102,14 @@ def run_demo(seed: int = 0, recipes: list[str] | None = None, out: str = "runs/d
     return results
 
 
+def _cell(v, key: str) -> str:
+    if key.startswith("n_"):
+        return str(v)
+    if key.endswith("per_response"):
+        return fmt(v, pct=False)
+    return fmt(v)
+
+
 def write_report(results: dict, out_dir: Path, recipes: list[str] | None) -> Path:
     from alignkit.training import atomic_write_text
 
@@ -130,7 +138,7 @@ def write_report(results: dict, out_dir: Path, recipes: list[str] | None) -> Pat
         for s in seeds:
             for label, _ in demo["rows"]:
                 r = results["seeds"][s][name][label]
-                rows.append([s, label, *[fmt(r.get(k)) if not k.startswith("n_") else r.get(k) for k in demo["metrics"]]])
+                rows.append([s, label, *[_cell(r.get(k), k) for k in demo["metrics"]]])
         lines += [markdown_table(header, rows), ""]
         main_metric = next(iter(demo["metrics"]))
         labels = [lab for lab, _ in demo["rows"]]

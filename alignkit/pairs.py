@@ -50,7 +50,11 @@ class PairsConfig(Strict):
 
 
 def is_preference_file(path: str) -> bool:
-    return "chosen" in read_rows(path)[0][1]
+    """Peek at the first parsable row; bad rows are reported later, all together, by load_rows."""
+    from alignkit.data import IssueCollector
+
+    rows = read_rows(path, issues=IssueCollector(path))
+    return bool(rows) and "chosen" in rows[0][1]
 
 
 def stage_sample(cfg: RunConfig, p: PairsConfig, prompts_path: str) -> Path:

@@ -21,10 +21,12 @@ def load_rows(source, kind: str, max_errors: int = 20, system_prompt: str | None
         path, fmt, split, columns, limit = source, "auto", "train", {}, None
     else:
         path, fmt, split, columns, limit = source.path, source.format, source.split, source.columns, source.limit
-    raw = read_rows(path, fmt, split, max_errors)
+    issues = IssueCollector(path, max_errors)
+    raw = read_rows(path, fmt, split, max_errors, issues)
     if limit is not None:
         raw = raw[:limit]
-    return validate_rows(kind, raw, path, columns, system_prompt, max_errors, on_span_error)
+    # Parse errors and schema errors of one file are reported together.
+    return validate_rows(kind, raw, path, columns, system_prompt, max_errors, on_span_error, issues)
 
 
 __all__ = [

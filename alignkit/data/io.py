@@ -39,10 +39,16 @@ def _normalise(value: Any) -> Any:
     return value
 
 
-def read_rows(path: str, fmt: str = "auto", split: str = "train", max_errors: int = 20) -> list[tuple[int, dict]]:
-    """Read ``(row_number, row)`` pairs. Malformed lines and bad bytes are reported together."""
+def read_rows(path: str, fmt: str = "auto", split: str = "train", max_errors: int = 20,
+              issues: IssueCollector | None = None) -> list[tuple[int, dict]]:
+    """Read ``(row_number, row)`` pairs. Malformed lines and bad bytes are reported together.
+
+    With ``issues`` given, row-level problems are added to it instead of raised, so the
+    caller can report them together with schema problems of the rows that did parse.
+    """
     fmt = detect_format(path) if fmt == "auto" else fmt
-    issues = IssueCollector(path, max_errors)
+    own = issues is None
+    issues = IssueCollector(path, max_errors) if own else issues
     rows: list[tuple[int, dict]] = []
     if fmt != "hub" and not Path(path).exists():
         issues.add(None, None, "file not found")
@@ -100,8 +106,9 @@ def read_rows(path: str, fmt: str = "auto", split: str = "train", max_errors: in
         else:
             ds = datasets.load_dataset(path, split=split)
         rows = [(i, _normalise(r)) for i, r in enumerate(ds, start=1)]
-    issues.raise_if_any()
-    if not rows:
+    if own:
+        issues.raise_if_any()
+    if not rows and not issues.total:
         issues.add(None, None, "no rows")
         issues.raise_if_any()
     return rows

@@ -211,6 +211,7 @@ def validate_rows(
     system_prompt: str | None = None,
     max_errors: int = 20,
     on_span_error: str = "raise",
+    issues: IssueCollector | None = None,
 ) -> list[dict]:
     """Normalise rows of ``kind``; raise one :class:`DataError` listing every bad row.
 
@@ -219,7 +220,7 @@ def validate_rows(
     caller to drop or fall back on *and count* (Mask-DPO's ``on_mask_mismatch``).
     """
     columns = columns or {}
-    issues = IssueCollector(file, max_errors)
+    issues = issues or IssueCollector(file, max_errors)
     out = []
     for i, row in rows:
         try:

@@ -32,6 +32,24 @@ NAME = "mask_dpo"
 DATA_KIND = "preference"
 
 
+def _expected(rows: dict) -> bool:
+    return rows["Mask-DPO"]["score"] > rows["DPO"]["score"] > rows["base"]["score"]
+
+
+# The paper's claim at toy scale: ANAH test 49.19 (base) -> 68.44 (DPO) -> 77.53 (Mask-DPO).
+DEMO = {
+    "title": "Mask-DPO: factuality of biographies of held-out people (bio_test)",
+    "note": "Factuality score = correct / (correct + hallucinated) sentences, judged by the world's knowledge "
+            "base (ANAH-v2 score; nofact excluded). DPO and Mask-DPO train on the same self-sampled pairs.",
+    "eval": "bio_test",
+    "metrics": {"score": "factuality", "n_correct": "#correct", "n_hallucination": "#hallucinated",
+                "sentences_per_response": "sentences/response"},
+    "rows": [("base", None), ("DPO", "dpo"), ("Mask-DPO", "mask_dpo")],
+    "expect": _expected,
+    "expect_text": "Mask-DPO > DPO > base",
+}
+
+
 class Method(PairsConfig):
     beta: float = Field(0.1, gt=0)
     loss_type: Literal["sigmoid", "hinge", "ipo"] = "sigmoid"

@@ -28,6 +28,18 @@ NAME = "sft"
 DATA_KIND = "sft"
 
 
+DEMO = {
+    "title": "SFT: QA accuracy on held-out questions (qa_test)",
+    "note": "Accuracy by what the base model saw in pretraining: known facts, unknown ones, and facts that "
+            "appear only in the fine-tuning data (their test questions are held out).",
+    "eval": "qa_test",
+    "metrics": {"accuracy": "accuracy", "accuracy/known": "known", "accuracy/partial": "partial",
+                "accuracy/unknown": "unknown", "accuracy/finetune_only": "finetune-only",
+                "refusal_rate": "refusal"},
+    "rows": [("base", None), ("SFT", "sft")],
+}
+
+
 class Method(Strict):
     completion_only_loss: bool = Field(True, description="train on completion tokens only (else prompt too)")
 

@@ -1,0 +1,95 @@
+"""CLI behaviour: clear errors before any model loads, earlier runs never clobbered."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from alignkit.cli import main
+from conftest import toy_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _write(tmp: Path, cfg: dict, name="c.yaml") -> Path:
+    p = tmp / name
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+def test_validate_reports_unknown_key_with_suggestion(tmp_path, capsys, tiny_random_model_dir, toy_data):
+    cfg = toy_config("dpo", tiny_random_model_dir, toy_data["pref"], tmp_path / "r")
+    cfg["train"]["learnin_rate"] = 1e-4
+    rc = main(["validate", str(_write(tmp_path, cfg))])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "train" in err and "learnin_rate" in err and "did you mean 'learning_rate'" in err
+
+
+def test_bad_data_fails_before_model_load_and_leaves_no_run_dir(tmp_path, capsys, toy_data):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "chosen": "x", "rejected": "x"}\n{"prompt": "b", "chosen": "y"}\nnot json\n')
+    # The model path does not exist: had the model been loaded first, the error would be about it.
+    cfg = toy_config("dpo", tmp_path / "no-such-model", bad, tmp_path / "run")
+    rc = main(["train", str(_write(tmp_path, cfg))])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "row 1" in err and "identical" in err
+    assert "row 2" in err and "'rejected'" in err and "missing field" in err
+    assert "row 3" in err and "malformed JSON" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_failed_run_leaves_earlier_run_untouched(tmp_path, capsys, tiny_random_model_dir, toy_data):
+    cfg = toy_config("dpo", tiny_random_model_dir, toy_data["pref"], tmp_path / "run", max_steps=1)
+    path = _write(tmp_path, cfg)
+    assert main(["train", str(path)]) == 0
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    # Same output_dir again: refused, nothing touched.
+    assert main(["train", str(path), "train.learning_rate=0.5"]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    # A run that fails on bad data with overwrite requested: still nothing touched.
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "chosen": "", "rejected": "x"}\n')
+    assert main(["train", str(path), f"data.train.path={bad}", "overwrite_output_dir=true"]) == 2
+    after = {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    assert before == after
+
+
+def test_overrides_and_run_dir_contents(tmp_path, tiny_random_model_dir, toy_data):
+    cfg = toy_config("mask_dpo", tiny_random_model_dir, toy_data["pref"], tmp_path / "run")
+    assert main(["train", str(_write(tmp_path, cfg)), "train.max_steps=3", "method.beta=0.2"]) == 0
+    run = tmp_path / "run"
+    resolved = yaml.safe_load((run / "config.yaml").read_text())
+    assert resolved["train"]["max_steps"] == 3 and resolved["method"]["beta"] == 0.2
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in lines if "loss" in m]
+    assert [m["step"] for m in steps] == [1, 2, 3]
+    assert 0 < steps[0]["mask/chosen_masked_frac"] < 1 and 0 < steps[0]["mask/rejected_masked_frac"] < 1
+    assert any((run / "tb").rglob("events.out.tfevents.*")) or True  # tensorboard optional when report_to=[]
+    assert (run / "RUN_COMPLETE").exists() and (run / "model" / "model.safetensors").exists()
+    assert json.loads((run / "data_report.json").read_text())["rows_out"] == 16
+    assert json.loads((run / "mask_report.json").read_text())["rows_without_usable_annotations"] == 0
+
+
+def test_preview_marks_masked_tokens(tmp_path, tiny_random_model_dir, toy_data):
+    cfg = toy_config("mask_dpo", tiny_random_model_dir, toy_data["pref"], tmp_path / "run")
+    r = subprocess.run([sys.executable, "-m", "alignkit", "preview", str(_write(tmp_path, cfg)), "--rows", "1",
+                        "--no-color"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    # Chosen: "They paid $0.50 for it." is a hallucination -> weight 0; rejected: "Really?" is correct -> 0.
+    chosen = out.split("--- chosen")[1].split("--- rejected")[0]
+    rejected = out.split("--- rejected")[1]
+    assert "{{" in chosen and "paid" in chosen.split("{{", 1)[1]
+    assert "[[" in chosen and "Velm" in chosen
+    assert "{{" in rejected and "Really" in rejected.split("{{", 1)[1]
+
+
+def test_launch_rejects_unknown_accelerate_config(capsys, tmp_path):
+    assert main(["launch", "--accelerate-config", "nope", str(tmp_path / "x.yaml")]) == 2
+    assert "single" in capsys.readouterr().err
