@@ -9,13 +9,30 @@ a "did you mean" suggestion. ``key=value`` overrides address any field by dotted
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-8``/``5E+3`` as floats (PyYAML's YAML 1.1 reads them as strings)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def yaml_load(text: str):
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 — a SafeLoader subclass
 
 
 class ConfigError(ValueError):
@@ -104,18 +121,20 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self):
-        extras = set(self.model_extra or {})
-        if extras:
-            from transformers import TrainingArguments
-
-            known = {f.name for f in dataclasses.fields(TrainingArguments)}
-            unknown = sorted(extras - known)
-            if unknown:
-                k = unknown[0]
-                raise ValueError(f"unknown training argument '{k}'{_suggest(k, known | set(type(self).model_fields))}")
+        unknown = unknown_train_keys(self.model_extra or {})
+        if unknown:
+            raise ValueError("; ".join(f"unknown training argument '{k}'{hint}" for k, hint in unknown))
         if self.bf16 and self.fp16:
             raise ValueError("bf16 and fp16 are mutually exclusive")
         return self
+
+
+def unknown_train_keys(keys) -> list[tuple[str, str]]:
+    """``(key, suggestion)`` for keys that are neither typed here nor TrainingArguments fields."""
+    from transformers import TrainingArguments
+
+    known = {f.name for f in dataclasses.fields(TrainingArguments)} | set(TrainConfig.model_fields)
+    return [(k, _suggest(k, known)) for k in sorted(set(keys) - known)]
 
 
 class EvalSet(Strict):
@@ -159,13 +178,19 @@ def _suggest(key: str, options) -> str:
 
 
 def _model_fields_at(path: tuple) -> set[str]:
+    """Field names of the (nested) model at ``path``; dict[str, Model] levels skip the key."""
     model: Any = RunConfig
-    for part in path:
+    parts = list(path)
+    while parts:
+        part = parts.pop(0)
         fields = getattr(model, "model_fields", {})
         if part not in fields:
             return set()
         ann = fields[part].annotation
-        for cand in getattr(ann, "__args__", (ann,)):
+        cands = getattr(ann, "__args__", (ann,))
+        if getattr(ann, "__origin__", None) is dict:
+            cands, parts = cands[1:], parts[1:]  # dict value type; drop the user's key
+        for cand in cands:
             if isinstance(cand, type) and issubclass(cand, BaseModel):
                 model = cand
                 break
@@ -206,18 +231,18 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
         if "=" not in o:
             raise ConfigError(f"override {o!r}: expected key=value (e.g. train.learning_rate=1e-5)")
         k, v = o.split("=", 1)
-        out.append((k.strip(), yaml.safe_load(v) if v != "" else None))
+        out.append((k.strip(), yaml_load(v) if v != "" else None))
     return out
 
 
 def load_config(path: str | Path | dict, overrides: list[str] | None = None) -> RunConfig:
     """Load, override and validate a recipe config, including its ``method`` section."""
     if isinstance(path, dict):
-        raw, source = dict(path), "<dict>"
+        raw, source = copy.deepcopy(path), "<dict>"  # overrides must not mutate the caller's dict
     else:
         source = str(path)
         try:
-            raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+            raw = yaml_load(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"{source}: file not found") from None
         except yaml.YAMLError as e:
@@ -226,29 +251,39 @@ def load_config(path: str | Path | dict, overrides: list[str] | None = None) -> 
         raise ConfigError(f"{source}: expected a mapping at the top level")
     for k, v in parse_overrides(overrides or []):
         set_dotted(raw, k, v)
-    try:
-        cfg = RunConfig.model_validate(raw)
-    except ValidationError as e:
-        raise ConfigError("\n".join(_format_errors(e, source))) from None
     from alignkit.recipes import RECIPES, get_recipe
 
-    if cfg.recipe not in RECIPES:
-        raise ConfigError(f"{source}: field 'recipe': unknown recipe {cfg.recipe!r}{_suggest(cfg.recipe, RECIPES)}; "
-                          f"available: {sorted(RECIPES)}")
-    recipe = get_recipe(cfg.recipe)
+    # Collect every problem of the file before reporting: schema, train keys, method, recipe.
+    lines: list[str] = []
+    train_raw = raw.get("train") if isinstance(raw.get("train"), dict) else {}
+    unknown_train = unknown_train_keys(train_raw)
+    lines += [f"{source}: field 'train.{k}': unknown key{hint}" for k, hint in unknown_train]
+    cfg = None
     try:
-        method = recipe.Method.model_validate(cfg.method)
+        cfg = RunConfig.model_validate(
+            {**raw, "train": {k: v for k, v in train_raw.items() if k not in dict(unknown_train)}}
+            if unknown_train else raw)
     except ValidationError as e:
-        lines = []
-        for line in _format_errors(e, source, ("method",)):
-            if "unknown key" in line and "did you mean" not in line:
-                key = line.split("field '")[1].split("'")[0].split(".")[-1]
-                line += _suggest(key, recipe.Method.model_fields)
-            lines.append(line)
-        raise ConfigError("\n".join(lines)) from None
-    problems = recipe.check_config(cfg, method) if hasattr(recipe, "check_config") else []
-    if problems:
-        raise ConfigError("\n".join(f"{source}: {p}" for p in problems))
+        lines += _format_errors(e, source)
+    recipe_name = raw.get("recipe")
+    method = None
+    if isinstance(recipe_name, str) and recipe_name not in RECIPES:
+        lines.append(f"{source}: field 'recipe': unknown recipe {recipe_name!r}{_suggest(recipe_name, RECIPES)}; "
+                     f"available: {sorted(RECIPES)}")
+    elif isinstance(recipe_name, str):
+        recipe = get_recipe(recipe_name)
+        try:
+            method = recipe.Method.model_validate(raw.get("method") or {})
+        except ValidationError as e:
+            for line in _format_errors(e, source, ("method",)):
+                if "unknown key" in line and "did you mean" not in line:
+                    key = line.split("field '")[1].split("'")[0].split(".")[-1]
+                    line += _suggest(key, recipe.Method.model_fields)
+                lines.append(line)
+        if cfg is not None and method is not None and hasattr(recipe, "check_config"):
+            lines += [f"{source}: {p}" for p in recipe.check_config(cfg, method)]
+    if lines:
+        raise ConfigError("\n".join(lines))
     return cfg
 
 

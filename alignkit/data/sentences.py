@@ -39,6 +39,8 @@ def get_splitter(name: str) -> Splitter:
 
 def _is_boundary(text: str, m: re.Match) -> bool:
     end = m.end()
+    if any(c in "。！？" for c in m.group()):
+        return True  # Chinese puts no space after its sentence marks
     if end < len(text) and not text[end].isspace():
         return False  # "3.5", "e.g.x", "word.Next" glued: not a boundary
     nxt = re.match(r"\s*(\S)", text[end:])
