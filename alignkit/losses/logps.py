@@ -26,8 +26,11 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 
     valid = target != ignore_index
     safe = target.masked_fill(~valid, 0)
     picked = torch.gather(logits, 2, safe.unsqueeze(-1)).squeeze(-1).float()
-    # Row-by-row logsumexp keeps the float32 temporary to one sequence at a time.
-    lse = torch.stack([torch.logsumexp(row.float(), dim=-1) for row in logits])
+    if logits.dtype == torch.float32:
+        lse = torch.logsumexp(logits, dim=-1)  # no copy needed
+    else:
+        # Row by row keeps the float32 upcast of bf16/fp16 logits to one sequence at a time.
+        lse = torch.stack([torch.logsumexp(row.float(), dim=-1) for row in logits])
     return (picked - lse) * valid
 
 

@@ -73,7 +73,8 @@ def train(cfg: RunConfig, callbacks=()) -> Path:
     model = load_model(cfg.model)
     strip = lambda rs: [{"input_ids": r["input_ids"], "completion_mask": r["completion_mask"]} for r in rs]  # noqa: E731
     args = training_arguments(
-        cfg, run_dir, cls=SFTConfig, max_length=d.max_length, padding_free=d.padding_free,
+        # Lengths are already enforced by data.length_policy; TRL must not truncate again.
+        cfg, run_dir, cls=SFTConfig, max_length=None, padding_free=d.padding_free,
         completion_only_loss=method.completion_only_loss, dataset_num_proc=None,
     )
     resume_step = int(Path(resume).name.split("-")[-1]) if resume else 0
