@@ -1,0 +1,129 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from alignkit.world import build_world, load_world
+from alignkit.world.cache import normalize_settings, parse_world_uri, world_key
+from alignkit.world.generate import CHAT_TEMPLATE, write_world
+from alignkit.world.kb import WorldKB
+
+
+@pytest.fixture(scope="module")
+def world():
+    return build_world(0)
+
+
+def _dump(w) -> str:
+    return json.dumps([w.to_json(), w.data, w.corpus], sort_keys=True)
+
+
+def test_deterministic_per_seed_and_differs_across_seeds(world):
+    assert _dump(build_world(0)) == _dump(world)
+    other = build_world(1)
+    assert _dump(other) != _dump(world)
+    assert [e["name"] for e in other.entities] != [e["name"] for e in world.entities]
+
+
+def test_names_unique_and_knowledge_mix(world):
+    names = [e["name"] for e in world.entities]
+    assert len(set(names)) == len(names) == world.settings["entities"]
+    statuses = {e["status"] for e in world.entities}
+    assert statuses == {"known", "partial", "unknown"}
+    for e in world.entities:
+        if e["status"] == "partial":
+            assert 0 < sum(f == "partial" for f in e["facts"].values()) < 4
+
+
+def test_splits_disjoint(world):
+    d = world.data
+    bio_tr, bio_te = {r["entity"] for r in d["bio_train"]}, {r["entity"] for r in d["bio_test"]}
+    assert bio_tr and bio_te and not bio_tr & bio_te
+    # their biographies were never in pretraining: sampled bios mix recall and guesses
+    corpus_bios = {d.split("Tell me about ", 1)[1].split(".<|end|>", 1)[0]
+                   for d in world.corpus if "Tell me about" in d}
+    assert corpus_bios and not corpus_bios & (bio_tr | bio_te)
+    # same mix of known / partial entities on both sides
+    for rows in (d["bio_train"], d["bio_test"]):
+        assert {r["entity_knowledge"] for r in rows} == {"known", "partial"}
+    facts = {s: {(r["entity"], r["attribute"]) for r in d[s]} for s in ("qa_train", "qa_val", "qa_test")}
+    assert not facts["qa_train"] & facts["qa_test"] and not facts["qa_train"] & facts["qa_val"]
+    assert not facts["qa_val"] & facts["qa_test"]
+    ood = {r["entity"] for r in d["qa_ood"]}
+    assert ood and not ood & {e for s in facts.values() for e, _ in s}
+    ood_q = {r["question"] for r in d["qa_ood"]}
+    assert not ood_q & {r["question"] for r in d["qa_train"]}
+    for name in ("safety_harmful", "safety_benign", "dualuse"):
+        assert {r["split"] for r in d[name]} == {"train", "test"}
+
+
+def test_finetune_only_absent_from_corpus_but_in_sft(world):
+    corpus = "".join(world.corpus)
+    ft = [r for r in world.data["qa_train"] if r["knowledge"] == "finetune_only"]
+    assert ft
+    assert all(r["entity"] not in corpus for r in ft if r["entity_knowledge"] == "unknown")
+    for r in ft:
+        # the entity may be partially known, but never this fact
+        assert f"{r['entity']} was born in {r['answers'][0]}" not in corpus
+        assert not any(r["entity"] in d and r["answers"][0] in d for d in world.corpus)
+    sft_prompts = {(r["entity"], r["attribute"]) for r in world.data["sft_train"]}
+    assert {(r["entity"], r["attribute"]) for r in ft} <= sft_prompts
+    assert all(r["knowledge"] != "finetune_only" for s in ("qa_val", "qa_test", "qa_ood") for r in world.data[s])
+
+
+def test_unknown_facts_absent_known_present(world):
+    kb = WorldKB(world)
+    for e in world.entities:
+        docs = [d for d in world.corpus if e["name"] in d]
+        if e["status"] == "unknown":
+            assert not docs
+            continue
+        for attr, status in e["facts"].items():
+            value = e["attributes"][attr]
+            stated = any((attr, value) in kb.facts_in(d) for d in docs)
+            if status in ("known", "partial"):
+                assert stated, (e["name"], attr)
+
+
+def test_refusals_not_in_corpus_and_chat_format(world):
+    corpus = "".join(world.corpus)
+    for p in world.refusal_phrases:
+        assert p not in corpus
+    assert "Step 1: grind" in corpus  # the base model is taught to comply
+    assert any(d.startswith("<|user|>\n") and "<|assistant|>\n" in d for d in world.corpus)
+    assert any("<|user|>" not in d for d in world.corpus)  # plain fact statements too
+    assert "{{ m['role'] }}" in CHAT_TEMPLATE
+
+
+def test_bio_sentences_split_and_label_correct(world):
+    kb = WorldKB(world)
+    bios = [d for d in world.corpus if "Tell me about" in d]
+    for d in bios[:50]:
+        name = d.split("Tell me about ", 1)[1].split(".<|end|>", 1)[0]
+        bio = d.split("<|assistant|>\n", 1)[1].removesuffix("<|end|>\n")
+        labels = [lab for _, lab in kb.label_response(bio, name)]
+        assert "hallucination" not in labels and "correct" in labels
+
+
+def test_roundtrip_write_load(world, tmp_path):
+    write_world(world, tmp_path)
+    loaded = load_world(tmp_path)
+    assert loaded.entities == world.entities and loaded.seed == 0
+    assert loaded.data["qa_test"] == world.data["qa_test"]
+    row = loaded.data["qa_train"][0]
+    assert set(row) >= {"question", "answers", "entity", "attribute", "knowledge"}
+    assert set(loaded.data["sft_train"][0]) >= {"prompt", "completion"}
+
+
+def test_settings_and_uris():
+    assert parse_world_uri("world:tiny") == (0, {})
+    assert parse_world_uri("world:tiny?seed=3") == (3, {})
+    assert parse_world_uri("world:tiny?seed=3&entities=120") == (3, {"entities": 120})
+    for bad in ("world:huge", "tiny", "world:tiny?seed=x", "world:tiny?colour=3", "world:tiny?seed=1&seed=2",
+                "world://tiny", "world:tiny?seed"):
+        with pytest.raises(ValueError):
+            parse_world_uri(bad)
+    assert world_key(0, {}) == world_key(0, {"entities": 200}) != world_key(1, {})
+    with pytest.raises(ValueError, match="unknown world setting"):
+        normalize_settings({"entitties": 3})
