@@ -141,6 +141,7 @@ class EvalSet(Strict):
     task: Literal["qa", "factuality", "safety"]
     path: str
     limit: int | None = Field(None, ge=1)
+    where: dict[str, str | int | bool] = Field(default_factory=dict, description="keep rows whose columns equal these")
 
 
 class EvalConfig(Strict):

@@ -2,8 +2,8 @@
 
 Each recipe module may declare ``DEMO`` — a section of the table::
 
-    DEMO = {"title": ..., "eval": "bio_test",               # eval set from the recipe's YAML
-            "metrics": {"score": "factuality"},             # result key -> column label
+    DEMO = {"title": ..., "evals": ["bio_test"],            # eval sets from the recipe's YAML
+            "metrics": {"bio_test:score": "factuality"},    # "<eval>:<result key>" -> column label
             "rows": [("base", None), ("DPO", "dpo"), ("Mask-DPO", "mask_dpo")]}
 
 "base" rows evaluate the untrained world model; other rows train the named recipe with
@@ -32,8 +32,8 @@ def _recipe_config(name: str, seed: int, out: Path, extra: list[str] | None = No
     return load_config(RECIPES_DIR / f"{name}.yaml", overrides)
 
 
-def _base_eval(seed: int, recipe: str, eval_name: str, out: Path) -> dict:
-    """Evaluate the untrained world model on one eval set of ``recipe``'s YAML."""
+def _base_eval(seed: int, recipe: str, evals: list[str], out: Path) -> dict:
+    """Evaluate the untrained world model on eval sets of ``recipe``'s YAML."""
     from alignkit.evaluation import build_eval_judge, evaluate_model
     from alignkit.models import load_for_inference
     from alignkit.paths import expand_config
@@ -44,8 +44,12 @@ def _base_eval(seed: int, recipe: str, eval_name: str, out: Path) -> dict:
     judge = build_eval_judge(cfg.eval.judge, cfg.model.name_or_path)
     out.mkdir(parents=True, exist_ok=True)
     res = evaluate_model(model, tok, cfg.eval, judge, out, seed=seed,
-                         datasets={eval_name: cfg.eval.datasets[eval_name]})
-    return res["eval"][eval_name]
+                         datasets={e: cfg.eval.datasets[e] for e in evals})
+    return res["eval"]
+
+
+def _flatten(evals: dict) -> dict:
+    return {f"{e}:{k}": v for e, res in evals.items() for k, v in res.items()}
 
 
 def sections(selected: list[str] | None) -> list[tuple[str, dict]]:
@@ -82,16 +86,16 @@ def run_demo(seed: int = 0, recipes: list[str] | None = None, out: str = "runs/d
             for label, recipe in demo["rows"]:
                 t0 = time.time()
                 if recipe is None:
-                    key = (name, demo["eval"])
+                    key = (name, tuple(demo["evals"]))
                     if key not in base_cache:
-                        base_cache[key] = _base_eval(s, name, demo["eval"], out_dir / f"seed{s}" / f"base_{name}")
-                    rows[label] = base_cache[key]
+                        base_cache[key] = _base_eval(s, name, demo["evals"], out_dir / f"seed{s}" / f"base_{name}")
+                    rows[label] = _flatten(base_cache[key])
                 else:
                     from alignkit.recipes import get_recipe
 
                     cfg = _recipe_config(recipe, s, out_dir / f"seed{s}" / recipe, demo.get("overrides", {}).get(recipe))
                     run = get_recipe(recipe).train(cfg)
-                    rows[label] = json.loads((Path(run) / "metrics.json").read_text())["eval"][demo["eval"]]
+                    rows[label] = _flatten(json.loads((Path(run) / "metrics.json").read_text())["eval"])
                 timings.append((f"seed {s}: {name} / {label}", time.time() - t0))
                 log.info("demo seed %d %s %s: %s", s, name, label, {k: rows[label].get(k) for k in demo["metrics"]})
             seed_res[name] = rows
@@ -103,6 +107,7 @@ def run_demo(seed: int = 0, recipes: list[str] | None = None, out: str = "runs/d
 
 
 def _cell(v, key: str) -> str:
+    key = key.split(":")[-1]
     if key.startswith("n_"):
         return str(v)
     if key.endswith("per_response"):

@@ -114,7 +114,7 @@ def _mean(xs) -> float:
     return float(sum(bool(x) for x in xs) / len(xs)) if xs else float("nan")
 
 
-def _load_eval_rows(task: str, path: str, limit: int | None) -> list[dict]:
+def _load_eval_rows(task: str, path: str, limit: int | None, where: dict | None = None) -> list[dict]:
     kind, key, _ = TASKS[task]
     if kind is not None:
         rows = load_rows(path, kind)
@@ -130,6 +130,10 @@ def _load_eval_rows(task: str, path: str, limit: int | None) -> list[dict]:
                 issues.add(i, key, "missing or empty")
             rows.append(r)
         issues.raise_if_any()
+    if where:
+        rows = [r for r in rows if all(r.get(k) == v for k, v in where.items())]
+        if not rows:
+            raise ValueError(f"{path}: no rows match {where}")
     return rows[:limit] if limit else rows
 
 
@@ -140,7 +144,7 @@ def evaluate_model(model, tokenizer, ecfg, judge: Judge, out_dir: Path | None = 
     results, timings = {}, {}
     for name, es in datasets.items():
         t0 = time.time()
-        rows = _load_eval_rows(es.task, es.path, es.limit or ecfg.limit)
+        rows = _load_eval_rows(es.task, es.path, es.limit or ecfg.limit, es.where)
         res, samples = TASKS[es.task][2](model, tokenizer, rows, judge, ecfg, seed)
         results[name] = res
         timings[name] = round(time.time() - t0, 2)

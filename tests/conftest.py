@@ -101,3 +101,11 @@ def toy_config(recipe: str, model_dir: Path, data: Path, out: Path, **train) -> 
         "train": {"max_steps": 2, "per_device_train_batch_size": 4, "learning_rate": 1e-3, "report_to": [],
                   "logging_steps": 1, **train},
     }
+
+
+@pytest.fixture(scope="session")
+def tiny_world_dir() -> Path:
+    """The real tiny world (seed 0), built once per machine and shared by every test."""
+    from alignkit.world import ensure_tiny
+
+    return ensure_tiny(seed=0)

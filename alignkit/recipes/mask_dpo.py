@@ -33,7 +33,8 @@ DATA_KIND = "preference"
 
 
 def _expected(rows: dict) -> bool:
-    return rows["Mask-DPO"]["score"] > rows["DPO"]["score"] > rows["base"]["score"]
+    score = "bio_test:score"
+    return rows["Mask-DPO"][score] > rows["DPO"][score] > rows["base"][score]
 
 
 # The paper's claim at toy scale: ANAH test 49.19 (base) -> 68.44 (DPO) -> 77.53 (Mask-DPO).
@@ -41,9 +42,9 @@ DEMO = {
     "title": "Mask-DPO: factuality of biographies of held-out people (bio_test)",
     "note": "Factuality score = correct / (correct + hallucinated) sentences, judged by the world's knowledge "
             "base (ANAH-v2 score; nofact excluded). DPO and Mask-DPO train on the same self-sampled pairs.",
-    "eval": "bio_test",
-    "metrics": {"score": "factuality", "n_correct": "#correct", "n_hallucination": "#hallucinated",
-                "sentences_per_response": "sentences/response"},
+    "evals": ["bio_test"],
+    "metrics": {"bio_test:score": "factuality", "bio_test:n_correct": "#correct",
+                "bio_test:n_hallucination": "#hallucinated", "bio_test:sentences_per_response": "sentences/response"},
     "rows": [("base", None), ("DPO", "dpo"), ("Mask-DPO", "mask_dpo")],
     "expect": _expected,
     "expect_text": "Mask-DPO > DPO > base",

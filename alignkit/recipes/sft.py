@@ -29,13 +29,14 @@ DATA_KIND = "sft"
 
 
 DEMO = {
-    "title": "SFT: QA accuracy on held-out questions (qa_test)",
-    "note": "Accuracy by what the base model saw in pretraining: known facts, unknown ones, and facts that "
-            "appear only in the fine-tuning data (their test questions are held out).",
-    "eval": "qa_test",
-    "metrics": {"accuracy": "accuracy", "accuracy/known": "known", "accuracy/partial": "partial",
-                "accuracy/unknown": "unknown", "accuracy/finetune_only": "finetune-only",
-                "refusal_rate": "refusal"},
+    "title": "SFT: QA accuracy — facts taught by fine-tuning vs held-out questions",
+    "note": "finetune-only: facts absent from pretraining that SFT teaches (asked in the training wording: "
+            "memorisation). known / unknown: held-out qa_test questions on facts the base model saw / never saw. "
+            "SFT on answers the model does not know also costs accuracy on what it knew — the dynamic CRaFT targets.",
+    "evals": ["qa_finetune", "qa_test"],
+    "metrics": {"qa_finetune:accuracy": "finetune-only", "qa_test:accuracy/known": "known (held-out)",
+                "qa_test:accuracy/partial": "partial (held-out)", "qa_test:accuracy/unknown": "unknown (held-out)",
+                "qa_test:refusal_rate": "refusal"},
     "rows": [("base", None), ("SFT", "sft")],
 }
 

@@ -132,5 +132,10 @@ def build_command(seed: int = 0, out: str | None = None) -> Path:
         raise FileExistsError(f"--out {final} exists and is not empty; choose a new directory or delete it")
     if final.exists():
         final.rmdir()
-    _build_atomic(final, int(seed), normalize_settings({}))
+    # The world is deterministic per (seed, settings): copy the cached build (atomically) when
+    # there is one instead of pretraining again.
+    cached = ensure_tiny(int(seed))
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    shutil.copytree(cached, tmp)
+    os.replace(tmp, final)
     return final

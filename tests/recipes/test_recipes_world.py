@@ -1,0 +1,62 @@
+"""Each recipe end to end through the CLI on the tiny world (shipped YAMLs, as users run them)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    r = subprocess.run([sys.executable, "-m", "alignkit", *args], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    return r
+
+
+def _eval(run: Path) -> dict:
+    return json.loads((run / "metrics.json").read_text())["eval"]
+
+
+def test_sft_teaches_finetune_only_facts(tiny_world_dir, tmp_path):
+    base = tmp_path / "base"
+    cli("eval", str(ROOT / "recipes/sft.yaml"), f"output_dir={base}")
+    cli("train", str(ROOT / "recipes/sft.yaml"), f"output_dir={tmp_path / 'sft'}")
+    b, s = _eval(base), _eval(tmp_path / "sft")
+    assert b["qa_finetune"]["accuracy"] < 0.25  # never in pretraining
+    assert s["qa_finetune"]["accuracy"] > b["qa_finetune"]["accuracy"] + 0.15
+    assert s["qa_test"]["accuracy/known"] > 0.7
+    assert (tmp_path / "sft" / "RUN_COMPLETE").exists()
+
+
+def test_mask_dpo_and_dpo_improve_factuality_on_same_pairs(tiny_world_dir, tmp_path):
+    base = tmp_path / "base"
+    cli("eval", str(ROOT / "recipes/mask_dpo.yaml"), f"output_dir={base}")
+    cli("train", str(ROOT / "recipes/mask_dpo.yaml"), f"output_dir={tmp_path / 'mask'}")
+    cli("train", str(ROOT / "recipes/dpo.yaml"), f"output_dir={tmp_path / 'dpo'}")
+    m, d, b = (_eval(tmp_path / x)["bio_test"]["score"] for x in ("mask", "dpo", "base"))
+    assert m > b and d > b, (b, d, m)
+    # Both recipes trained on the very same self-sampled pairs (stage cache shared).
+    pm = json.loads((tmp_path / "mask" / "mask_report.json").read_text())["pairs_file"]
+    cfg = (tmp_path / "dpo" / "config.yaml").read_text()
+    assert Path(pm).name in cfg or "bio_train" in cfg
+    steps = [json.loads(x) for x in (tmp_path / "mask" / "metrics.jsonl").read_text().splitlines()]
+    masked = [s["mask/chosen_masked_frac"] for s in steps if "mask/chosen_masked_frac" in s]
+    assert masked and all(0 < x < 1 for x in masked)
+    samples = [json.loads(x) for x in (tmp_path / "mask" / "eval_bio_test.jsonl").read_text().splitlines()]
+    assert samples and all(len(s["sentences"]) == len(s["labels"]) for s in samples)
+
+
+def test_preview_and_world_build(tiny_world_dir, tmp_path):
+    out = cli("preview", str(ROOT / "recipes/mask_dpo.yaml"), "--rows", "1", "--no-color").stdout
+    assert "--- chosen" in out and "[[" in out
+    world_out = tmp_path / "w"
+    cli("world", "build", "--seed", "0", "--out", str(world_out))
+    for f in ("qa_train", "qa_test", "bio_train", "bio_test", "safety_harmful", "dualuse"):
+        assert (world_out / "data" / f"{f}.jsonl").exists()
+    assert (world_out / "model" / "model.safetensors").exists()
