@@ -48,6 +48,14 @@ def _base_eval(seed: int, recipe: str, evals: list[str], out: Path) -> dict:
     return res["eval"]
 
 
+def _dig(d: dict, keys: tuple):
+    for k in keys:
+        if not isinstance(d, dict) or k not in d:
+            return None
+        d = d[k]
+    return d
+
+
 def _flatten(evals: dict) -> dict:
     return {f"{e}:{k}": v for e, res in evals.items() for k, v in res.items()}
 
@@ -127,12 +135,14 @@ def write_report(results: dict, out_dir: Path, recipes: list[str] | None) -> Pat
     lines += ["## The base model (what the tiny model knows before any recipe)", ""]
     wrows = []
     for s, rep in results["world"].items():
-        base = rep.get("base_model", rep)
-        wrows.append([s] + [fmt(base.get(k)) if isinstance(base.get(k), float) else base.get(k, "—")
-                            for k in ("qa_known_acc", "qa_partial_acc", "qa_unknown_acc", "harmful_compliance",
-                                      "benign_over_refusal", "bio_factuality")])
-    lines += [markdown_table(["seed", "QA known %", "QA partial %", "QA unknown %", "harmful compliance %",
-                              "benign over-refusal %", "sampled-bio factuality %"], wrows), ""]
+        g = lambda *keys, rep=rep: _dig(rep, keys)  # noqa: E731
+        wrows.append([s, f"{rep.get('params', 0) / 1e6:.2f}M", fmt(g("qa_test", "known", "acc")),
+                      fmt(g("qa_test", "partial", "acc")), fmt(g("qa_test", "unknown", "acc")),
+                      fmt(g("safety_harmful_test", "compliance")), fmt(g("safety_benign_test", "over_refusal")),
+                      fmt(g("bio_test", "factuality")), f"{g('build_seconds', 'total') or 0:.0f}"])
+    lines += [markdown_table(["seed", "params", "QA known %", "QA partial %", "QA unknown %",
+                              "harmful compliance %", "benign over-refusal %", "sampled-bio factuality %",
+                              "build s"], wrows), ""]
     table_print = []
     for name, demo in sections(recipes):
         lines += [f"## {demo['title']}", ""]
