@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from alignkit.data import write_jsonl_atomic
+from alignkit.data import atomic_write_text, write_jsonl_atomic
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +53,6 @@ def run_stage(name: str, key: dict, fn: Callable[[], list[dict]], stage_dir: str
     rows = fn()
     write_jsonl_atomic(out, rows)
     prov = {"stage": name, "fingerprint": fp, "inputs": key, "rows": len(rows), "seconds": round(time.time() - t0, 2)}
-    tmp = out.with_suffix(".provenance.tmp")
-    tmp.write_text(json.dumps(prov, indent=2, default=str))
-    os.replace(tmp, out.with_suffix(".provenance.json"))
+    atomic_write_text(out.with_suffix(".provenance.json"), json.dumps(prov, indent=2, default=str))
     log.info("stage %s: %d rows in %.1fs -> %s", name, len(rows), prov["seconds"], out)
     return out

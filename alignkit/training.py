@@ -24,6 +24,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from alignkit.config import ConfigError, RunConfig, dump_config
+from alignkit.data.io import atomic_write_text
 from alignkit.losses import mask_dpo_loss
 
 log = logging.getLogger(__name__)
@@ -88,12 +89,6 @@ def prepare_run_dir(cfg: RunConfig) -> tuple[Path, str | None]:
 
 def _strip_resume(text: str) -> str:
     return "\n".join(line for line in text.splitlines() if "resume_from_checkpoint" not in line)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def training_arguments(cfg: RunConfig, run_dir: Path, cls=TrainingArguments, **extra) -> TrainingArguments:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from alignkit.data.collate import PaddingFreePreferenceCollator, PreferenceCollator, unpack
 from alignkit.data.errors import DataError, IssueCollector, RowIssue
-from alignkit.data.io import read_rows, write_jsonl_atomic
+from alignkit.data.io import atomic_write_text, read_rows, write_jsonl_atomic
 from alignkit.data.schemas import KINDS, validate_rows
 from alignkit.data.sentences import get_splitter, register_splitter, split_sentences, split_spans
 from alignkit.data.tokenize import DataReport, encode, render, span_weights, tokenize_rows
@@ -30,7 +30,7 @@ def load_rows(source, kind: str, max_errors: int = 20, system_prompt: str | None
 
 
 __all__ = [
-    "KINDS", "DataError", "DataReport", "IssueCollector", "PaddingFreePreferenceCollator", "PreferenceCollator",
+    "KINDS", "DataError", "atomic_write_text", "DataReport", "IssueCollector", "PaddingFreePreferenceCollator", "PreferenceCollator",
     "RowIssue", "encode", "get_splitter", "load_rows", "read_rows", "register_splitter", "render",
     "span_weights", "split_sentences", "split_spans", "tokenize_rows", "unpack", "validate_rows",
     "write_jsonl_atomic",

@@ -14,7 +14,6 @@ import hashlib
 import http.client
 import json
 import os
-import tempfile
 import threading
 import time
 import urllib.error
@@ -161,19 +160,10 @@ class HTTPJudge(PromptJudge):
     ) -> None:
         if self.cache_dir is None:
             return
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.cache_dir, prefix=f".{key}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(
-                    {"model": self.model, "messages": messages, "params": dict(params), "content": content},
-                    f,
-                    ensure_ascii=False,
-                )
-            os.replace(tmp, self.cache_dir / f"{key}.json")
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        from alignkit.data.io import atomic_write_text
+
+        record = {"model": self.model, "messages": messages, "params": dict(params), "content": content}
+        atomic_write_text(self.cache_dir / f"{key}.json", json.dumps(record, ensure_ascii=False))
 
     def _fetch(self, messages: list[dict[str, str]], params: Mapping[str, Any], key: str) -> str:
         content = self._post({"model": self.model, "messages": messages, **params})
