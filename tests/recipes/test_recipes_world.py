@@ -50,6 +50,9 @@ def test_mask_dpo_and_dpo_improve_factuality_on_same_pairs(tiny_world_dir, tmp_p
     assert masked and all(0 < x < 1 for x in masked)
     samples = [json.loads(x) for x in (tmp_path / "mask" / "eval_bio_test.jsonl").read_text().splitlines()]
     assert samples and all(len(s["sentences"]) == len(s["labels"]) for s in samples)
+    # `alignkit eval RUN_DIR` re-evaluates the saved model and reproduces the number.
+    again = json.loads(cli("eval", str(tmp_path / "mask")).stdout)["eval"]["bio_test"]["score"]
+    assert again == pytest.approx(m, abs=1e-9)
 
 
 def test_preview_and_world_build(tiny_world_dir, tmp_path):
