@@ -126,15 +126,34 @@ class TrainConfig(BaseModel):
             raise ValueError("; ".join(f"unknown training argument '{k}'{hint}" for k, hint in unknown))
         if self.bf16 and self.fp16:
             raise ValueError("bf16 and fp16 are mutually exclusive")
+        from transformers import SchedulerType
+
+        names = [x.value for x in SchedulerType]
+        if self.lr_scheduler_type not in names:
+            raise ValueError(f"lr_scheduler_type {self.lr_scheduler_type!r} is not one of {names}"
+                             f"{_suggest(self.lr_scheduler_type, names)}")
         return self
 
 
+# TrainingArguments fields alignkit sets from other sections: users set them there.
+OWNED_TRAIN_KEYS = {
+    "output_dir": "set the top-level output_dir", "seed": "set the top-level seed", "data_seed": "set seed",
+    "save_strategy": "set train.save_steps (checkpoints every N steps)",
+    "eval_strategy": "set train.eval_steps with data.eval", "use_cpu": "chosen from the hardware",
+    "remove_unused_columns": "managed by the recipe", "disable_tqdm": "set TQDM_DISABLE=1",
+    "logging_dir": "TensorBoard events go to output_dir/tb",
+    "gradient_checkpointing": "set model.gradient_checkpointing",
+}
+
+
 def unknown_train_keys(keys) -> list[tuple[str, str]]:
-    """``(key, suggestion)`` for keys that are neither typed here nor TrainingArguments fields."""
+    """``(key, hint)`` for keys that are not TrainingArguments fields, or that alignkit owns."""
     from transformers import TrainingArguments
 
     known = {f.name for f in dataclasses.fields(TrainingArguments)} | set(TrainConfig.model_fields)
-    return [(k, _suggest(k, known)) for k in sorted(set(keys) - known)]
+    out = [(k, _suggest(k, known)) for k in sorted(set(keys) - known)]
+    out += [(k, f"; alignkit sets it: {OWNED_TRAIN_KEYS[k]}") for k in sorted(set(keys) & set(OWNED_TRAIN_KEYS))]
+    return out
 
 
 class EvalSet(Strict):
@@ -258,7 +277,8 @@ def load_config(path: str | Path | dict, overrides: list[str] | None = None) -> 
     lines: list[str] = []
     train_raw = raw.get("train") if isinstance(raw.get("train"), dict) else {}
     unknown_train = unknown_train_keys(train_raw)
-    lines += [f"{source}: field 'train.{k}': unknown key{hint}" for k, hint in unknown_train]
+    lines += [f"{source}: field 'train.{k}': " + ("not settable here" if "alignkit sets" in hint else "unknown key")
+              + hint for k, hint in unknown_train]
     cfg = None
     try:
         cfg = RunConfig.model_validate(

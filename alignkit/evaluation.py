@@ -169,9 +169,9 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None) -> dic
         cfg = load_config(run_dir / "config.yaml", overrides)
         model_path = str(run_dir / "model") if (run_dir / "model").exists() else cfg.model.name_or_path
         out_dir = run_dir
-    else:  # a recipe config: evaluate its (untrained) model
+    else:  # a recipe config: evaluate its (untrained) model, beside — never over — a run's results
         cfg = load_config(run_dir, overrides)
-        model_path, out_dir = cfg.model.name_or_path, Path(cfg.output_dir)
+        model_path, out_dir = cfg.model.name_or_path, Path(cfg.output_dir) / "base_eval"
         out_dir.mkdir(parents=True, exist_ok=True)
     expand_config(cfg)
     model, tok = load_for_inference(model_path, cfg.model.dtype)

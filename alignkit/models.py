@@ -70,6 +70,12 @@ def load_model(cfg: ModelConfig, for_training: bool = True):
             bnb_4bit_use_double_quant=q.double_quant,
             bnb_4bit_compute_dtype=DTYPES[q.compute_dtype],
         )
+        if torch.cuda.is_available():
+            # 4-bit weights cannot be moved after loading: put each rank's copy on its own GPU
+            # now (the default would be cuda:0 on every rank under DDP).
+            from accelerate import PartialState
+
+            kwargs["device_map"] = {"": PartialState().local_process_index}
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if cfg.quantization is not None and for_training:
         from peft import prepare_model_for_kbit_training
@@ -118,4 +124,6 @@ def load_for_inference(path: str, dtype: str = "auto", trust_remote_code: bool =
                                                      trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    if torch.cuda.is_available():
+        model = model.to(f"cuda:{torch.cuda.current_device()}")
     return model.eval(), tok

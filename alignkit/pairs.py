@@ -163,5 +163,15 @@ def resolve_train_pairs(cfg: RunConfig, p: PairsConfig) -> None:
     if mode == "auto":
         mode = "annotated" if is_preference_file(cfg.data.train.path) else "prompts"
     if mode == "prompts":
-        cfg.data.train.path = str(build_pairs(cfg, p))
+        import os
+
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # Sample and judge once: rank 0 builds, the other ranks then hit the stage cache.
+            from accelerate import PartialState
+
+            with PartialState().main_process_first():
+                path = build_pairs(cfg, p)
+        else:
+            path = build_pairs(cfg, p)
+        cfg.data.train.path = str(path)
         cfg.data.train.limit = None

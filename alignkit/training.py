@@ -68,7 +68,14 @@ def prepare_run_dir(cfg: RunConfig) -> tuple[Path, str | None]:
     # rank 0 refuses, the launcher tears the other ranks down.
     if is_main_process() and run.exists() and any(run.iterdir()) and resume is None:
         if cfg.train.resume_from_checkpoint == "auto" and not (run / RUN_MARKER).exists():
-            pass  # auto with nothing to resume: start over in the same (incomplete) dir
+            # auto with nothing complete to resume: start over, dropping the killed run's logs and
+            # incomplete checkpoints so they don't mix with the new run's.
+            for stale in ("metrics.jsonl", "tb", "checkpoints"):
+                p = run / stale
+                if p.is_dir():
+                    shutil.rmtree(p)
+                elif p.exists():
+                    p.unlink()
         elif not cfg.overwrite_output_dir:
             raise ConfigError(
                 f"output_dir '{run}' already holds a run; choose another output_dir, resume it with "
@@ -302,9 +309,6 @@ def common_checks(cfg: RunConfig) -> list[str]:
     problems = []
     if cfg.data.train is None:
         problems.append("field 'data.train': required for training (data.train.path: FILE)")
-    if cfg.train.model_extra and "gradient_checkpointing" in cfg.train.model_extra:
-        problems.append("field 'train.gradient_checkpointing': set model.gradient_checkpointing instead "
-                        "(the loader configures it together with LoRA/QLoRA)")
     return problems
 
 
@@ -312,8 +316,10 @@ def preference_checks(cfg: RunConfig, method) -> list[str]:
     problems = common_checks(cfg)
     if method.loss_type != "sigmoid" and method.label_smoothing > 0:
         problems.append("field 'method.label_smoothing': only defined for loss_type 'sigmoid' (cDPO)")
-    if method.precompute_ref_logps and (cfg.train.model_extra or {}).get("deepspeed"):
-        problems.append("field 'method.precompute_ref_logps': not supported with DeepSpeed (the policy is "
+    sharded = (cfg.train.model_extra or {}).get("deepspeed") or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true" \
+        or os.environ.get("ACCELERATE_USE_FSDP") == "true"
+    if method.precompute_ref_logps and sharded:
+        problems.append("field 'method.precompute_ref_logps': not supported with DeepSpeed/FSDP (the policy is "
                         "sharded before a reference pass could run); keep a reference copy or use LoRA")
     return problems
 
@@ -330,11 +336,22 @@ def load_train_rows(cfg: RunConfig, kind: str) -> tuple[list[dict], list[dict] |
     return train, evals
 
 
-def run_eval_after_training(cfg: RunConfig, run_dir: Path, model, tokenizer) -> dict | None:
-    if not (cfg.eval.enabled and cfg.eval.datasets) or not is_main_process():
+def run_eval_after_training(cfg: RunConfig, run_dir: Path, trainer: Trainer, tokenizer) -> dict | None:
+    """Evaluate on the main process. Under ZeRO-3/FSDP the in-memory weights are sharded
+    (a forward on one rank would wait forever for the others), so the saved, gathered
+    model is reloaded instead."""
+    if not (cfg.eval.enabled and cfg.eval.datasets):
+        return None
+    trainer.accelerator.wait_for_everyone()
+    if not trainer.is_world_process_zero():
         return None
     from alignkit.evaluation import build_eval_judge, evaluate_model
+    from alignkit.models import load_for_inference
 
+    if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
+        model, tokenizer = load_for_inference(str(run_dir / "model"), cfg.model.dtype)
+    else:
+        model = trainer.accelerator.unwrap_model(trainer.model)
     model.eval()
     judge = build_eval_judge(cfg.eval.judge, cfg.model.name_or_path)
     return evaluate_model(model, tokenizer, cfg.eval, judge, run_dir, seed=cfg.seed)
@@ -375,10 +392,12 @@ def train_preference(cfg: RunConfig, method, rows: list[dict], eval_rows: list[d
         beta=method.beta, loss_type=method.loss_type, label_smoothing=method.label_smoothing,
     )
     if method.precompute_ref_logps:
+        if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
+            raise ConfigError("field 'method.precompute_ref_logps': not supported under DeepSpeed/FSDP launches")
         trainer.train_dataset = trainer.precompute_reference(trainer.train_dataset, args.per_device_eval_batch_size)
         if trainer.eval_dataset is not None:
             trainer.eval_dataset = trainer.precompute_reference(trainer.eval_dataset, args.per_device_eval_batch_size)
     trainer.train(resume_from_checkpoint=resume)
     finish_run(trainer, tok, run_dir, {"data": report.as_dict()})
-    run_eval_after_training(cfg, run_dir, trainer.accelerator.unwrap_model(trainer.model), tok)
+    run_eval_after_training(cfg, run_dir, trainer, tok)
     return run_dir

@@ -267,3 +267,20 @@ def test_scientific_notation_is_a_number_for_passthrough_fields(tmp_path):
     p = tmp_path / "r.yaml"
     p.write_text("recipe: dpo\ndata:\n  train:\n    path: x.jsonl\ntrain:\n  adam_epsilon: 1e-8\n")
     assert isinstance(load_config(p).train.model_extra["adam_epsilon"], float)
+
+
+def test_train_keys_alignkit_sets_are_rejected_with_where_to_set_them():
+    from alignkit.config import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        load_config(BASE, ["train.seed=3", "train.save_strategy=epoch", "train.output_dir=x"])
+    msg = str(e.value)
+    for key, hint in (("seed", "top-level seed"), ("save_strategy", "save_steps"), ("output_dir", "top-level output_dir")):
+        assert f"field 'train.{key}': not settable here" in msg and hint in msg
+
+
+def test_unknown_scheduler_name_fails_at_validation():
+    from alignkit.config import ConfigError
+
+    with pytest.raises(ConfigError, match="lr_scheduler_type.*did you mean 'cosine"):
+        load_config(BASE, ["train.lr_scheduler_type=cosin"])

@@ -80,3 +80,59 @@ def test_mask_semantics_per_side(tiny_random_model_dir, policy):
     assert kept("chosen").endswith("<|end|>")
     # rejected: correct masked, hallucinated kept, nofact masked (counts as no_hallucination) either way.
     assert "towers" in kept("rejected") and "Velm" not in kept("rejected") and "Nice" not in kept("rejected")
+
+
+def test_incorrect_label_is_a_hallucination():
+    from alignkit.data.schemas import LABEL_MAP
+
+    assert LABEL_MAP["incorrect"] == "hallucination" and LABEL_MAP[True] == "correct"
+
+
+def test_fallback_unmasked_trains_the_whole_pair_unmasked(tiny_random_model_dir, tmp_path):
+    import json
+
+    from alignkit.config import load_config
+    from alignkit.recipes import get_recipe
+    from conftest import toy_config
+
+    good = {"prompt": "P", "chosen": "A is in Velm. B.", "rejected": "A is in Tarn. C.",
+            "chosen_sentences": ["A is in Velm. ", "B."], "chosen_labels": ["correct", "hallucination"],
+            "rejected_sentences": ["A is in Tarn. ", "C."], "rejected_labels": ["hallucination", "correct"]}
+    bad = {**good, "rejected_sentences": ["A is in Tarn. ", "NOT THERE."]}  # chosen side locatable, rejected not
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in [good] * 3 + [bad]))
+    raw = toy_config("mask_dpo", tiny_random_model_dir, data, tmp_path / "run", max_steps=1)
+    raw["method"] = {"on_mask_mismatch": "fallback_unmasked"}
+    captured = {}
+    from alignkit import training
+
+    orig = training.train_preference
+
+    def spy(cfg, method, rows, eval_rows, weight_fn, callbacks):
+        captured["rows"] = rows
+        return orig(cfg, method, rows, eval_rows, weight_fn, callbacks)
+
+    training_mod = get_recipe("mask_dpo")
+    training_mod.train_preference = spy
+    try:
+        run = training_mod.train(load_config(raw))
+    finally:
+        training_mod.train_preference = orig
+    rows = captured["rows"]
+    assert [r["chosen_spans"] is None and r["rejected_spans"] is None for r in rows] == [False] * 3 + [True]
+    rep = json.loads((run / "mask_report.json").read_text())
+    assert rep["rows_without_usable_annotations"] == 1 and "NOT THERE" in rep["examples"][0]
+
+
+def test_template_problem_is_a_row_error(tiny_random_model_dir):
+    from transformers import AutoTokenizer
+
+    from alignkit.data import DataError
+
+    tok = AutoTokenizer.from_pretrained(tiny_random_model_dir)
+    tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] | trim }}<|end|>\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+    rows = validate_rows("sft", [(1, {"prompt": "a", "completion": "ok"}), (2, {"prompt": "b", "completion": "x\n"})],
+                         "f.jsonl")
+    with pytest.raises(DataError, match=r"f.jsonl, row 2.*altered the assistant content"):
+        tokenize_rows("sft", rows, tok, "f.jsonl")

@@ -66,3 +66,13 @@ def test_auto_ignores_incomplete_checkpoint(tiny_random_model_dir, toy_data, tmp
     broken = ck / "checkpoint-6"
     broken.mkdir()  # a crash mid-save: no COMPLETE marker
     assert latest_complete_checkpoint(tmp_path / "r").name == "checkpoint-4"
+
+
+def test_auto_with_nothing_complete_starts_over_cleanly(tiny_random_model_dir, toy_data, tmp_path):
+    raw = toy_config("dpo", tiny_random_model_dir, toy_data["pref"], tmp_path / "r", max_steps=3, save_steps=10)
+    with pytest.raises(KeyboardInterrupt):
+        get_recipe("dpo").train(load_config(raw), callbacks=[Kill(2)])  # killed before any checkpoint
+    get_recipe("dpo").train(load_config(raw, ["train.resume_from_checkpoint=auto"]))
+    steps = [json.loads(x)["step"] for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(x)]
+    assert steps == [1, 2, 3]  # the killed run's lines are gone, not mixed in

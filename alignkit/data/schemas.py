@@ -33,7 +33,7 @@ ALIASES = {
 LABEL_MAP = {
     "correct": "correct", "no_hallucination": "correct", "ok": "correct", 1: "correct",  # True == 1
     "hallucination": "hallucination", "contradictory": "hallucination", "unverifiable": "hallucination",
-    0: "hallucination",  # False == 0 "incorrect": "hallucination",
+    0: "hallucination", "incorrect": "hallucination",  # False == 0
     "nofact": "nofact", "no_fact": "nofact",
 }
 

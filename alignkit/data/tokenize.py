@@ -150,10 +150,14 @@ def tokenize_rows(
     sides = ("completion",) if kind == "sft" else ("chosen", "rejected")
     for row in rows:
         rendered = {}
-        for side in sides:
-            prompt_text, segment, offset = render(tokenizer, row["prompt"], row[side])
-            p_ids, c_ids, offs = encode(tokenizer, prompt_text, segment)
-            rendered[side] = (p_ids, c_ids, offs, segment, offset)
+        try:
+            for side in sides:
+                prompt_text, segment, offset = render(tokenizer, row["prompt"], row[side])
+                p_ids, c_ids, offs = encode(tokenizer, prompt_text, segment)
+                rendered[side] = (p_ids, c_ids, offs, segment, offset)
+        except ValueError as e:  # template problems are per-row data errors, reported together
+            issues.add(row.get("_row"), side, str(e))
+            continue
         p_ids = rendered[sides[0]][0]
         lens, reason = apply_length_policy(p_ids, [rendered[s][1] for s in sides], max_length, length_policy)
         if reason is not None:

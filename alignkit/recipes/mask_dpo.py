@@ -110,6 +110,9 @@ def train(cfg: RunConfig, callbacks=()) -> Path:
                         len(bad))
     if method.on_mask_mismatch == "drop":
         rows = [r for r in rows if r.get("chosen_spans") is not None and r.get("rejected_spans") is not None]
+    else:  # fallback_unmasked: the whole pair trains as plain DPO (spec §9.1), never half-masked
+        for r in bad:
+            r["chosen_spans"] = r["rejected_spans"] = None
     eval_rows = load_rows(d.eval, DATA_KIND, d.max_errors, d.system_prompt, span_policy) if d.eval else None
     run_dir = train_preference(cfg, method, rows, eval_rows, weights_for(method), callbacks)
     if is_main_process():

@@ -86,5 +86,5 @@ def train(cfg: RunConfig, callbacks=()) -> Path:
     )
     trainer.train(resume_from_checkpoint=resume)
     finish_run(trainer, tok, run_dir, {"data": report.as_dict()})
-    run_eval_after_training(cfg, run_dir, trainer.accelerator.unwrap_model(trainer.model), tok)
+    run_eval_after_training(cfg, run_dir, trainer, tok)
     return run_dir

@@ -27,7 +27,7 @@ def test_sft_teaches_finetune_only_facts(tiny_world_dir, tmp_path):
     base = tmp_path / "base"
     cli("eval", str(ROOT / "recipes/sft.yaml"), f"output_dir={base}")
     cli("train", str(ROOT / "recipes/sft.yaml"), f"output_dir={tmp_path / 'sft'}")
-    b, s = _eval(base), _eval(tmp_path / "sft")
+    b, s = _eval(base / "base_eval"), _eval(tmp_path / "sft")
     assert b["qa_finetune"]["accuracy"] < 0.25  # never in pretraining
     assert s["qa_finetune"]["accuracy"] > b["qa_finetune"]["accuracy"] + 0.15
     assert s["qa_test"]["accuracy/known"] > 0.7
@@ -39,7 +39,7 @@ def test_mask_dpo_and_dpo_improve_factuality_on_same_pairs(tiny_world_dir, tmp_p
     cli("eval", str(ROOT / "recipes/mask_dpo.yaml"), f"output_dir={base}")
     cli("train", str(ROOT / "recipes/mask_dpo.yaml"), f"output_dir={tmp_path / 'mask'}")
     cli("train", str(ROOT / "recipes/dpo.yaml"), f"output_dir={tmp_path / 'dpo'}")
-    m, d, b = (_eval(tmp_path / x)["bio_test"]["score"] for x in ("mask", "dpo", "base"))
+    m, d, b = (_eval(tmp_path / x)["bio_test"]["score"] for x in ("mask", "dpo", "base/base_eval"))
     assert m > b and d > b, (b, d, m)
     # Both recipes trained on the very same self-sampled pairs (stage cache shared).
     pm = json.loads((tmp_path / "mask" / "mask_report.json").read_text())["pairs_file"]
