@@ -39,6 +39,14 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def checkpoint_step(path: str | Path | None) -> int:
+    """Global step of a checkpoint, from its trainer_state.json (folder names can be anything)."""
+    if not path:
+        return 0
+    state = Path(path) / "trainer_state.json"
+    return int(json.loads(state.read_text())["global_step"]) if state.exists() else 0
+
+
 def latest_complete_checkpoint(run_dir: str | Path) -> Path | None:
     """The newest checkpoint whose completion marker exists (a crash mid-save leaves none)."""
     ckpts = Path(run_dir) / "checkpoints"
@@ -81,8 +89,14 @@ def prepare_run_dir(cfg: RunConfig) -> tuple[Path, str | None]:
                 f"output_dir '{run}' already holds a run; choose another output_dir, resume it with "
                 "train.resume_from_checkpoint=auto, or set overwrite_output_dir=true"
             )
-        elif is_main_process():
-            shutil.rmtree(run)
+        else:
+            # Set the old run aside; it is deleted only once the new run completes (finish_run),
+            # so a failed overwrite still leaves it on disk.
+            aside = run.with_name(f".{run.name}.replaced")
+            if aside.exists():
+                shutil.rmtree(aside)
+            run.rename(aside)
+            log.warning("overwrite_output_dir: previous run moved to %s until this run completes", aside)
     if is_main_process():
         run.mkdir(parents=True, exist_ok=True)
         if resume is not None and (run / "config.yaml").exists():
@@ -156,6 +170,9 @@ def finish_run(trainer: Trainer, tokenizer, run_dir: Path, extra: dict | None = 
         summary = {"global_step": trainer.state.global_step, **(extra or {})}
         atomic_write_text(run_dir / "train_results.json", json.dumps(summary, indent=2))
         (run_dir / RUN_MARKER).write_text("ok")
+        aside = run_dir.with_name(f".{run_dir.name}.replaced")
+        if aside.exists():
+            shutil.rmtree(aside)
 
 
 # ---------------------------------------------------------------- preference trainer
@@ -384,7 +401,7 @@ def train_preference(cfg: RunConfig, method, rows: list[dict], eval_rows: list[d
     collator = (PaddingFreePreferenceCollator(tok.pad_token_id) if d.padding_free
                 else PreferenceCollator(tok.pad_token_id))
     args = training_arguments(cfg, run_dir, remove_unused_columns=False)
-    resume_step = int(Path(resume).name.split("-")[-1]) if resume else 0
+    resume_step = checkpoint_step(resume)
     trainer = PreferenceTrainer(
         model=model, ref_model=ref, args=args, data_collator=collator,
         train_dataset=Dataset.from_list(train_tok), eval_dataset=Dataset.from_list(eval_tok) if eval_tok else None,

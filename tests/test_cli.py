@@ -93,3 +93,27 @@ def test_preview_marks_masked_tokens(tmp_path, tiny_random_model_dir, toy_data):
 def test_launch_rejects_unknown_accelerate_config(capsys, tmp_path):
     assert main(["launch", "--accelerate-config", "nope", str(tmp_path / "x.yaml")]) == 2
     assert "single" in capsys.readouterr().err
+
+
+def test_overwrite_keeps_old_run_until_new_one_completes(tmp_path, tiny_random_model_dir, toy_data):
+    from alignkit.config import load_config
+    from alignkit.recipes import get_recipe
+
+    cfg = toy_config("dpo", tiny_random_model_dir, toy_data["pref"], tmp_path / "run", max_steps=1)
+    get_recipe("dpo").train(load_config(cfg))
+    # The overwrite fails after the run dir is set up (tokenizer present, weights missing).
+    import shutil
+
+    no_weights = tmp_path / "no-weights"
+    shutil.copytree(tiny_random_model_dir, no_weights)
+    (no_weights / "model.safetensors").unlink()
+    broken = {**cfg, "model": {"name_or_path": str(no_weights)}, "overwrite_output_dir": True}
+    try:
+        get_recipe("dpo").train(load_config(broken))
+    except Exception:
+        pass
+    aside = tmp_path / ".run.replaced"
+    assert (aside / "RUN_COMPLETE").exists()
+    # A successful overwrite removes the set-aside copy.
+    get_recipe("dpo").train(load_config({**cfg, "overwrite_output_dir": True}))
+    assert (tmp_path / "run" / "RUN_COMPLETE").exists() and not aside.exists()

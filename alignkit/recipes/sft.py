@@ -15,6 +15,7 @@ from alignkit.config import RunConfig, Strict
 from alignkit.training import (
     RunLogCallback,
     atomic_write_text,
+    checkpoint_step,
     common_checks,
     finish_run,
     is_main_process,
@@ -78,7 +79,7 @@ def train(cfg: RunConfig, callbacks=()) -> Path:
         cfg, run_dir, cls=SFTConfig, max_length=None, padding_free=d.padding_free,
         completion_only_loss=method.completion_only_loss, dataset_num_proc=None,
     )
-    resume_step = int(Path(resume).name.split("-")[-1]) if resume else 0
+    resume_step = checkpoint_step(resume)
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=Dataset.from_list(strip(train_tok)),
         eval_dataset=Dataset.from_list(strip(eval_tok)) if eval_tok else None, processing_class=tok,
