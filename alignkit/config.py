@@ -222,7 +222,7 @@ def _model_fields_at(path: tuple) -> set[str]:
 def _format_errors(err: ValidationError, source: str, prefix: tuple = ()) -> list[str]:
     lines = []
     for e in err.errors():
-        loc = tuple(x for x in (*prefix, *e["loc"]) if not isinstance(x, int) or True)
+        loc = (*prefix, *e["loc"])
         path = ".".join(str(x) for x in loc) or "<root>"
         if e["type"] == "extra_forbidden":
             key = str(loc[-1])

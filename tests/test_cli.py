@@ -70,7 +70,6 @@ def test_overrides_and_run_dir_contents(tmp_path, tiny_random_model_dir, toy_dat
     steps = [m for m in lines if "loss" in m]
     assert [m["step"] for m in steps] == [1, 2, 3]
     assert 0 < steps[0]["mask/chosen_masked_frac"] < 1 and 0 < steps[0]["mask/rejected_masked_frac"] < 1
-    assert any((run / "tb").rglob("events.out.tfevents.*")) or True  # tensorboard optional when report_to=[]
     assert (run / "RUN_COMPLETE").exists() and (run / "model" / "model.safetensors").exists()
     assert json.loads((run / "data_report.json").read_text())["rows_out"] == 16
     assert json.loads((run / "mask_report.json").read_text())["rows_without_usable_annotations"] == 0

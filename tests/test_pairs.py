@@ -104,20 +104,19 @@ def test_fallback_unmasked_trains_the_whole_pair_unmasked(tiny_random_model_dir,
     raw = toy_config("mask_dpo", tiny_random_model_dir, data, tmp_path / "run", max_steps=1)
     raw["method"] = {"on_mask_mismatch": "fallback_unmasked"}
     captured = {}
-    from alignkit import training
 
-    orig = training.train_preference
+    mask_dpo_mod = get_recipe("mask_dpo")
+    orig = mask_dpo_mod.train_preference
 
     def spy(cfg, method, rows, eval_rows, weight_fn, callbacks):
         captured["rows"] = rows
         return orig(cfg, method, rows, eval_rows, weight_fn, callbacks)
 
-    training_mod = get_recipe("mask_dpo")
-    training_mod.train_preference = spy
+    mask_dpo_mod.train_preference = spy
     try:
-        run = training_mod.train(load_config(raw))
+        run = mask_dpo_mod.train(load_config(raw))
     finally:
-        training_mod.train_preference = orig
+        mask_dpo_mod.train_preference = orig
     rows = captured["rows"]
     assert [r["chosen_spans"] is None and r["rejected_spans"] is None for r in rows] == [False] * 3 + [True]
     rep = json.loads((run / "mask_report.json").read_text())
