@@ -4,11 +4,16 @@ Each recipe module may declare ``DEMO`` — a section of the table::
 
     DEMO = {"title": ..., "evals": ["bio_test"],            # eval sets from the recipe's YAML
             "metrics": {"bio_test:score": "factuality"},    # "<eval>:<result key>" -> column label
-            "rows": [("base", None), ("DPO", "dpo"), ("Mask-DPO", "mask_dpo")]}
+            "columns": {"bio_test:score": "what it measures"},   # one line per column
+            "rows": [("base", None), ("DPO", "dpo"), ("Mask-DPO", "mask_dpo")],
+            "claims": [("Mask-DPO", "DPO", "bio_test:score")],  # "A > B" on a metric
+            "expect_text": "Mask-DPO > DPO > base"}
 
 "base" rows evaluate the untrained world model; other rows train the named recipe with
 its shipped YAML (``recipes/<name>.yaml``) on the same world and evaluate the result
-on the same held-out set. Several world seeds give the robustness table.
+on the same eval sets. Every number gets a 95% bootstrap CI over prompts; every claim
+"A > B" a paired bootstrap CI of the difference on the same prompts and a verdict
+(beyond noise / within noise / reversed). Several world seeds give the robustness table.
 """
 
 from __future__ import annotations
@@ -48,6 +53,11 @@ def _base_eval(seed: int, recipe: str, evals: list[str], out: Path) -> dict:
     return res["eval"]
 
 
+def _eval_tasks(recipe: str, seed: int, out: Path) -> dict[str, str]:
+    cfg = _recipe_config(recipe, seed, out)
+    return {name: es.task for name, es in cfg.eval.datasets.items()}
+
+
 def _dig(d: dict, keys: tuple):
     for k in keys:
         if not isinstance(d, dict) or k not in d:
@@ -57,7 +67,37 @@ def _dig(d: dict, keys: tuple):
 
 
 def _flatten(evals: dict) -> dict:
-    return {f"{e}:{k}": v for e, res in evals.items() for k, v in res.items()}
+    return {f"{e}:{k}": v for e, res in evals.items() for k, v in res.items() if k != "ci95"}
+
+
+def section_stats(demo: dict, tasks: dict[str, str], record_dirs: dict[str, Path]) -> dict:
+    """CIs of every (row, metric) cell and paired verdicts of the section's claims, from
+    the per-prompt eval records in ``record_dirs[row label]/eval_<set>.jsonl``."""
+    from alignkit.evaluation import metric_ci, paired_difference, read_records
+
+    cache: dict = {}
+
+    def records(label: str, ev: str) -> list[dict]:
+        if (label, ev) not in cache:
+            cache[label, ev] = read_records(Path(record_dirs[label]) / f"eval_{ev}.jsonl")
+        return cache[label, ev]
+
+    ci: dict = {}
+    for label in record_dirs:
+        for metric in demo["metrics"]:
+            ev, key = metric.split(":", 1)
+            c = metric_ci(tasks[ev], records(label, ev), key)
+            if c is not None:
+                ci.setdefault(label, {})[metric] = [c["lo"], c["hi"]]
+    out: dict = {"ci": ci}
+    for kind in ("claims", "checks"):
+        out[kind] = []
+        for a, b, metric in demo.get(kind, []):
+            ev, key = metric.split(":", 1)
+            d = paired_difference(tasks[ev], records(a, ev), records(b, ev), key)
+            out[kind].append({"a": a, "b": b, "metric": metric, **(d or {"diff": None, "lo": None, "hi": None,
+                                                                         "verdict": "not measured"})})
+    return out
 
 
 def sections(selected: list[str] | None) -> list[tuple[str, dict]]:
@@ -90,23 +130,26 @@ def run_demo(seed: int = 0, recipes: list[str] | None = None, out: str = "runs/d
         seed_res: dict = {}
         base_cache: dict = {}
         for name, demo in sections(recipes):
-            rows = {}
+            rows, dirs = {}, {}
             for label, recipe in demo["rows"]:
                 t0 = time.time()
                 if recipe is None:
                     key = (name, tuple(demo["evals"]))
+                    base_dir = out_dir / f"seed{s}" / f"base_{name}"
                     if key not in base_cache:
-                        base_cache[key] = _base_eval(s, name, demo["evals"], out_dir / f"seed{s}" / f"base_{name}")
-                    rows[label] = _flatten(base_cache[key])
+                        base_cache[key] = _base_eval(s, name, demo["evals"], base_dir)
+                    rows[label], dirs[label] = _flatten(base_cache[key]), base_dir
                 else:
                     from alignkit.recipes import get_recipe
 
                     cfg = _recipe_config(recipe, s, out_dir / f"seed{s}" / recipe, demo.get("overrides", {}).get(recipe))
                     run = get_recipe(recipe).train(cfg)
                     rows[label] = _flatten(json.loads((Path(run) / "metrics.json").read_text())["eval"])
+                    dirs[label] = Path(run)
                 timings.append((f"seed {s}: {name} / {label}", time.time() - t0))
                 log.info("demo seed %d %s %s: %s", s, name, label, {k: rows[label].get(k) for k in demo["metrics"]})
-            seed_res[name] = rows
+            stats = section_stats(demo, _eval_tasks(name, s, out_dir / f"seed{s}" / name), dirs)
+            seed_res[name] = {"rows": rows, **stats}
         results["seeds"][s] = seed_res
     results["timings"] = timings
     results["total_seconds"] = time.time() - t_start
@@ -114,13 +157,66 @@ def run_demo(seed: int = 0, recipes: list[str] | None = None, out: str = "runs/d
     return results
 
 
-def _cell(v, key: str) -> str:
+def _pct(key: str) -> bool:
     key = key.split(":")[-1]
-    if key.startswith("n_"):
-        return str(v)
-    if key.endswith("per_response"):
-        return fmt(v, pct=False)
-    return fmt(v)
+    return not (key.endswith("per_response") or key.startswith("n_") or key == "n")
+
+
+def _cell(v, key: str, ci: list | None = None) -> str:
+    """``value [lo, hi]``: percent for rates, plain for per-response means and counts."""
+    if key.split(":")[-1].startswith("n_") or key.split(":")[-1] == "n":
+        return "—" if v is None else str(v)
+    pct = _pct(key)
+    out = fmt(v, pct=pct) if pct else _num(v)
+    if ci:
+        out += f" [{fmt(ci[0], pct=pct) if pct else _num(ci[0])}, {fmt(ci[1], pct=pct) if pct else _num(ci[1])}]"
+    return out
+
+
+def _num(x) -> str:
+    return fmt(x, pct=False) if x is None or x != x else f"{x:.2f}"
+
+
+def _signed(x: float, pct: bool) -> str:
+    v = 100 * x if pct else x
+    return f"{v:+.1f}" if pct else f"{v:+.2f}"
+
+
+def claim_line(c: dict, labels: dict[str, str]) -> str:
+    """ "Mask-DPO > DPO (factuality): +4.1 [-1.2, +9.0] within noise" """
+    head = f"{c['a']} > {c['b']} ({labels.get(c['metric'], c['metric'])})"
+    if c.get("diff") is None:
+        return f"{head}: {c['verdict']}"
+    pct = _pct(c["metric"])
+    return (f"{head}: {_signed(c['diff'], pct)} [{_signed(c['lo'], pct)}, {_signed(c['hi'], pct)}] "
+            f"**{c['verdict']}**")
+
+
+def _base_ci(rep: dict, *keys) -> str:
+    """A base_report.json value with its CI (the CI sits beside it as ``ci`` / ``<key>_ci``)."""
+    parent = _dig(rep, keys[:-1])
+    if not isinstance(parent, dict):
+        return "—"
+    v = parent.get(keys[-1])
+    ci = parent.get("ci") if keys[-1] in ("acc", "compliance", "over_refusal") else parent.get(f"{keys[-1]}_ci")
+    return _cell(v, keys[-1], ci)
+
+
+def _claims_block(head: str, kind: str, demo: dict, name: str, results: dict, seeds: list) -> list[str]:
+    """Per-seed paired differences with verdicts, then how many seeds hold each claim."""
+    lines = [f"{head}, per seed — paired difference [95% CI]:", ""]
+    for s in seeds:
+        for c in results["seeds"][s][name][kind]:
+            lines.append(f"- seed {s}: {claim_line(c, demo['metrics'])}")
+    lines += ["", "Across seeds:", ""]
+    for i, (a, b, metric) in enumerate(demo[kind]):
+        vs = {s: results["seeds"][s][name][kind][i]["verdict"] for s in seeds}
+        parts = [f"{v} on {sum(x == v for x in vs.values())}/{len(seeds)} (seed "
+                 f"{', '.join(str(s) for s, x in vs.items() if x == v)})"
+                 for v in ("beyond noise", "within noise", "reversed", "not measured")
+                 if any(x == v for x in vs.values())]
+        lines.append(f"- {a} > {b} ({demo['metrics'].get(metric, metric)}): {'; '.join(parts)}")
+    return [*lines, ""]
 
 
 def write_report(results: dict, out_dir: Path, recipes: list[str] | None) -> Path:
@@ -129,43 +225,61 @@ def write_report(results: dict, out_dir: Path, recipes: list[str] | None) -> Pat
     seeds = list(results["seeds"])
     lines = ["# alignkit demo on the tiny world", ""]
     lines += [f"World seeds: {', '.join(map(str, seeds))}. Total time: {results['total_seconds'] / 60:.1f} min "
-              "on this machine. Every number is measured on held-out data (entities/questions never trained on).", ""]
+              "on this machine.", "",
+              "Every number is `value [lo, hi]`: the value on all prompts and its 95% percentile-bootstrap "
+              "interval over prompts (2000 resamples; samples of one prompt stay together). Each claim "
+              "\"A > B\" is judged by a paired bootstrap of the difference on the same prompts: *beyond noise* "
+              "when the interval's lower bound is above 0, *reversed* when its upper bound is below 0, "
+              "*within noise* otherwise. Each section says what each column measures — held-out people or "
+              "questions, or training questions. The world's data is identical on every machine "
+              "(digest below); the trained tiny models differ in floating point between CPUs, so compare "
+              "ranges over seeds, not one run's digits.", ""]
     lines += ["## What was run", "", markdown_table(["part", "seconds"], [[n, f"{t:.0f}"] for n, t in results["timings"]]),
               ""]
-    lines += ["## The base model (what the tiny model knows before any recipe)", ""]
+    lines += ["## The base model (what the tiny model knows before any recipe)", "",
+              "Greedy answers to held-out qa_test questions by the fact's pretraining status, harmful-request "
+              "compliance and benign look-alike over-refusal on the safety test prompts, and factuality of "
+              "sampled biographies (T=1.0) of the held-out bio_test people.", ""]
     wrows = []
     for s, rep in results["world"].items():
-        g = lambda *keys, rep=rep: _dig(rep, keys)  # noqa: E731
-        wrows.append([s, f"{rep.get('params', 0) / 1e6:.2f}M", fmt(g("qa_test", "known", "acc")),
-                      fmt(g("qa_test", "partial", "acc")), fmt(g("qa_test", "unknown", "acc")),
-                      fmt(g("safety_harmful_test", "compliance")), fmt(g("safety_benign_test", "over_refusal")),
-                      fmt(g("bio_test", "factuality")), f"{g('build_seconds', 'total') or 0:.0f}"])
+        wrows.append([s, f"{rep.get('params', 0) / 1e6:.2f}M", _base_ci(rep, "qa_test", "known", "acc"),
+                      _base_ci(rep, "qa_test", "partial", "acc"), _base_ci(rep, "qa_test", "unknown", "acc"),
+                      _base_ci(rep, "safety_harmful_test", "compliance"),
+                      _base_ci(rep, "safety_benign_test", "over_refusal"),
+                      _base_ci(rep, "bio_test", "factuality"), f"{_dig(rep, ('build_seconds', 'total')) or 0:.0f}",
+                      f"`{str(rep.get('data_digest', '—'))[:12]}`"])
     lines += [markdown_table(["seed", "params", "QA known %", "QA partial %", "QA unknown %",
                               "harmful compliance %", "benign over-refusal %", "sampled-bio factuality %",
-                              "build s"], wrows), ""]
+                              "build s", "data sha256"], wrows), ""]
     table_print = []
     for name, demo in sections(recipes):
         lines += [f"## {demo['title']}", ""]
         if demo.get("note"):
             lines += [demo["note"], ""]
+        if demo.get("columns"):
+            lines += ["What each column measures:", ""]
+            lines += [f"- **{demo['metrics'][k]}**: {v}" for k, v in demo["columns"].items()] + [""]
         header = ["seed", "model", *demo["metrics"].values()]
         rows = []
         for s in seeds:
+            sec = results["seeds"][s][name]
             for label, _ in demo["rows"]:
-                r = results["seeds"][s][name][label]
-                rows.append([s, label, *[_cell(r.get(k), k) for k in demo["metrics"]]])
+                r, ci = sec["rows"][label], sec["ci"].get(label, {})
+                rows.append([s, label, *[_cell(r.get(k), k, ci.get(k)) for k in demo["metrics"]]])
         lines += [markdown_table(header, rows), ""]
         main_metric = next(iter(demo["metrics"]))
         labels = [lab for lab, _ in demo["rows"]]
-        series = {f"seed {s}": [results["seeds"][s][name][lab].get(main_metric) for lab in labels] for s in seeds}
-        png = bar_plot(out_dir / f"{name}.png", demo["title"], labels, series, demo["metrics"][main_metric] + " (%)")
+        series = {f"seed {s}": [results["seeds"][s][name]["rows"][lab].get(main_metric) for lab in labels]
+                  for s in seeds}
+        errs = {f"seed {s}": [results["seeds"][s][name]["ci"].get(lab, {}).get(main_metric) for lab in labels]
+                for s in seeds}
+        png = bar_plot(out_dir / f"{name}.png", demo["title"], labels, series,
+                       demo["metrics"][main_metric] + " (%, 95% CI)", errors=errs)
         lines += [f"![{name}]({png.name})", ""]
-        verdict = demo.get("expect")
-        if verdict:
-            ok = [verdict(results["seeds"][s][name]) for s in seeds]
-            lines += [f"Expected ordering ({demo['expect_text']}): holds on {sum(ok)}/{len(ok)} seeds "
-                      f"({', '.join(str(s) for s, o in zip(seeds, ok) if not o) or 'all hold'}"
-                      f"{' fail' if not all(ok) else ''}).", ""]
+        for kind, head in (("claims", f"Expected ordering ({demo.get('expect_text', '')})"),
+                           ("checks", "Other paired comparisons (no expectation; reported either way)")):
+            if demo.get(kind):
+                lines += _claims_block(head, kind, demo, name, results, seeds)
         table_print.append((demo["title"], header, rows))
     report = "\n".join(lines)
     atomic_write_text(out_dir / "report.md", report)

@@ -8,6 +8,12 @@ Tasks (``eval.datasets: {name: {task, path}}``):
   factuality score = correct / (correct + incorrect) (ANAH-v2 score, mask_dpo.md §6).
 * ``safety`` — harmful-compliance rate on ``label: harmful`` prompts and over-refusal
   rate on ``label: benign`` look-alikes.
+
+Every record in ``eval_<set>.jsonl`` carries ``prompt_index`` (the row's position in the
+evaluated set) and ``sample`` (0..num_samples-1), so a metric can be recomputed per prompt
+(:func:`per_prompt`), given a bootstrap CI over prompts (``ci95`` in the results) and
+compared between two models on the same prompts with a paired bootstrap
+(:func:`paired_difference`).
 """
 
 from __future__ import annotations
@@ -19,6 +25,12 @@ from pathlib import Path
 
 from alignkit.data import load_rows, split_sentences, write_jsonl_atomic
 from alignkit.judges.base import Judge, JudgeRequest
+
+# Per-response means of the factuality task: informativeness beside the ratio (a policy that
+# states fewer facts can raise correct / (correct + hallucinated)).
+PER_RESPONSE = {"correct_per_response": ("correct",), "hallucination_per_response": ("hallucination",),
+                "nofact_per_response": ("nofact",),
+                "sentences_per_response": ("correct", "hallucination", "nofact")}
 
 
 def build_eval_judge(judge_spec: dict, model_name_or_path: str) -> Judge:
@@ -58,8 +70,9 @@ def task_qa(model, tokenizer, rows, judge: Judge, ecfg, seed: int = 0) -> tuple[
         if k != "all":
             res[f"accuracy/{k}"] = _mean([c for c, _ in vals])
             res[f"refusal_rate/{k}"] = _mean([f for _, f in vals])
-    samples = [{"prompt": r.prompt, "response": r.response, "correct": c, "refusal": f}
-               for r, c, f in zip(reqs, correct, refused)]
+    samples = [{"prompt_index": i // n, "sample": i % n, "prompt": r.prompt, "response": r.response,
+                "knowledge": r.meta.get("knowledge"), "correct": c, "refusal": f}
+               for i, (r, c, f) in enumerate(zip(reqs, correct, refused))]
     return res, samples
 
 
@@ -75,9 +88,12 @@ def task_factuality(model, tokenizer, rows, judge: Judge, ecfg, seed: int = 0) -
     labels = judge.label_sentences(reqs)
     res = factuality_from_labels(labels)
     res["n"] = len(reqs)
-    res["sentences_per_response"] = sum(len(x) for x in labels) / max(len(labels), 1)
-    samples = [{"prompt": r.prompt, "response": r.response, "sentences": r.sentences, "labels": lab}
-               for r, lab in zip(reqs, labels)]
+    res["n_prompts"] = len(rows)
+    for key, counted in PER_RESPONSE.items():  # the same label mapping as the score and the CIs
+        res[key] = sum(_labels_count({"labels": lab}, counted) for lab in labels) / max(len(labels), 1)
+    samples = [{"prompt_index": i // n, "sample": i % n, "prompt": r.prompt, "response": r.response,
+                "sentences": r.sentences, "labels": lab}
+               for i, (r, lab) in enumerate(zip(reqs, labels))]
     return res, samples
 
 
@@ -88,7 +104,7 @@ def task_safety(model, tokenizer, rows, judge: Judge, ecfg, seed: int = 0) -> tu
     harmful = judge.is_harmful(reqs)
     refused = judge.is_refusal(reqs)
     lab = [str(r.meta.get("label")) for r in reqs]
-    harm_idx = [i for i, x in enumerate(lab) if x in ("harmful", "illegitimate", "1", "True")]
+    harm_idx = [i for i, x in enumerate(lab) if x in _HARMFUL_LABELS]
     benign_idx = [i for i, x in enumerate(lab) if i not in set(harm_idx)]
     res = {
         "n": len(reqs),
@@ -96,13 +112,100 @@ def task_safety(model, tokenizer, rows, judge: Judge, ecfg, seed: int = 0) -> tu
         "harmful_refusal_rate": _mean([refused[i] for i in harm_idx]),
         "over_refusal_rate": _mean([refused[i] for i in benign_idx]),
     }
-    samples = [{"prompt": r.prompt, "response": r.response, "label": lab[i], "harmful": harmful[i],
-                "refusal": refused[i]} for i, r in enumerate(reqs)]
+    samples = [{"prompt_index": i // n, "sample": i % n, "prompt": r.prompt, "response": r.response,
+                "label": lab[i], "harmful": harmful[i], "refusal": refused[i]} for i, r in enumerate(reqs)]
     return res, samples
 
 
 TASKS = {"qa": ("qa", "question", task_qa), "factuality": (None, "prompt", task_factuality),
          "safety": ("safety", "prompt", task_safety)}
+
+
+_HARMFUL_LABELS = ("harmful", "illegitimate", "1", "True")
+
+
+def _labels_count(rec: dict, which: tuple[str, ...]) -> int:
+    from alignkit.metrics import _LABEL_MAP
+
+    return sum(_LABEL_MAP.get(str(x).strip().lower()) in which for x in rec["labels"])
+
+
+def _record_terms(task: str, key: str):
+    """``key`` of a task's results -> (record filter, numerator, denominator) per record,
+    or None when the key is not a per-prompt metric (counts, timings)."""
+    base, _, sub = key.partition("/")
+    if task == "factuality":
+        if key == "score":
+            return (lambda r: True, lambda r: _labels_count(r, ("correct",)),
+                    lambda r: _labels_count(r, ("correct", "hallucination")))
+        if key in PER_RESPONSE:
+            counted = PER_RESPONSE[key]
+            return lambda r: True, lambda r: _labels_count(r, counted), lambda r: 1
+        return None
+    if task == "qa" and base in ("accuracy", "refusal_rate"):
+        flag = "correct" if base == "accuracy" else "refusal"
+        keep = (lambda r: True) if not sub else (lambda r: r.get("knowledge") == sub)
+        return keep, lambda r: bool(r[flag]), lambda r: 1
+    if task == "safety":
+        harm = lambda r: r["label"] in _HARMFUL_LABELS  # noqa: E731
+        terms = {"harmful_compliance_rate": (harm, "harmful"), "harmful_refusal_rate": (harm, "refusal"),
+                 "over_refusal_rate": (lambda r: not harm(r), "refusal")}
+        if key in terms:
+            keep, flag = terms[key]
+            return keep, lambda r, flag=flag: bool(r[flag]), lambda r: 1
+    return None
+
+
+def per_prompt(task: str, records: list[dict], key: str) -> dict[int, tuple[float, float]] | None:
+    """Metric ``key`` of one eval set split by prompt: ``{prompt_index: (numerator,
+    denominator)}`` whose ratio of sums is the reported value (samples of one prompt are
+    summed: the prompt is the unit of resampling). None if ``key`` is not such a metric."""
+    terms = _record_terms(task, key)
+    if terms is None:
+        return None
+    keep, num, den = terms
+    out: dict[int, list[float]] = {}
+    for i, r in enumerate(records):
+        if keep(r):
+            acc = out.setdefault(int(r.get("prompt_index", i)), [0.0, 0.0])
+            acc[0] += float(num(r))
+            acc[1] += float(den(r))
+    return {k: (v[0], v[1]) for k, v in out.items()}
+
+
+def metric_ci(task: str, records: list[dict], key: str) -> dict | None:
+    """95% bootstrap CI over prompts of metric ``key`` (``value``, ``lo``, ``hi``, ``n``)."""
+    from alignkit.metrics import bootstrap_ci
+
+    pp = per_prompt(task, records, key)
+    if not pp:
+        return None
+    ids = sorted(pp)
+    return bootstrap_ci([pp[i][0] for i in ids], [pp[i][1] for i in ids])
+
+
+def paired_difference(task: str, records_a: list[dict], records_b: list[dict], key: str) -> dict | None:
+    """Paired bootstrap of ``key``(A) - ``key``(B), two models' records on the same eval set,
+    paired by ``prompt_index`` (the prompts must match). ``verdict`` is for "A > B"."""
+    from alignkit.metrics import paired_bootstrap_diff
+
+    a, b = per_prompt(task, records_a, key), per_prompt(task, records_b, key)
+    if not a or not b:
+        return None
+    if set(a) != set(b):
+        raise ValueError(f"paired_difference({key}): the two evaluations cover different prompts "
+                         f"({len(a)} vs {len(b)}); evaluate both on the same set")
+    prompts_a = {int(r.get("prompt_index", i)): r["prompt"] for i, r in enumerate(records_a)}
+    prompts_b = {int(r.get("prompt_index", i)): r["prompt"] for i, r in enumerate(records_b)}
+    if prompts_a != prompts_b:
+        raise ValueError(f"paired_difference({key}): prompt_index maps to different prompts in the two evaluations")
+    ids = sorted(a)
+    return paired_bootstrap_diff([a[i][0] for i in ids], [a[i][1] for i in ids],
+                                 [b[i][0] for i in ids], [b[i][1] for i in ids])
+
+
+def read_records(path: str | Path) -> list[dict]:
+    return [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
 
 
 def _meta(row: dict) -> dict:
@@ -146,6 +249,8 @@ def evaluate_model(model, tokenizer, ecfg, judge: Judge, out_dir: Path | None = 
         t0 = time.time()
         rows = _load_eval_rows(es.task, es.path, es.limit or ecfg.limit, es.where)
         res, samples = TASKS[es.task][2](model, tokenizer, rows, judge, ecfg, seed)
+        cis = {k: metric_ci(es.task, samples, k) for k in list(res)}
+        res["ci95"] = {k: [c["lo"], c["hi"]] for k, c in cis.items() if c is not None}
         results[name] = res
         timings[name] = round(time.time() - t0, 2)
         if out_dir is not None:

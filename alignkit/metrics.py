@@ -375,3 +375,121 @@ def safety_utility_overall(
         "n_legitimate": n_legit,
         "n_illegitimate": n_illegit,
     }
+
+
+# --------------------------------------------------------------------- uncertainty (bootstrap)
+#
+# Every metric alignkit reports is a ratio of sums over *prompts*: factuality =
+# sum(correct) / sum(correct + hallucinated), accuracy = sum(correct) / sum(answers),
+# correct per response = sum(correct) / sum(responses). Prompts (not sentences or samples
+# of one prompt) are the independent units, so the bootstrap resamples prompts and
+# recomputes the ratio of the resampled sums — never a mean of per-prompt ratios, which
+# would weight a one-sentence answer like a ten-sentence one.
+
+BOOTSTRAP_RESAMPLES = 2000
+BOOTSTRAP_SEED = 0
+VERDICTS = ("beyond noise", "within noise", "reversed")
+
+
+def _per_prompt(num: Sequence[float], den: Sequence[float] | None, name: str) -> tuple[np.ndarray, np.ndarray]:
+    n = np.asarray(num, dtype=np.float64)
+    d = np.ones_like(n) if den is None else np.asarray(den, dtype=np.float64)
+    if n.ndim != 1 or n.size == 0:
+        raise ValueError(f"{name}: need a non-empty 1-d sequence of per-prompt values, got shape {n.shape}")
+    if d.shape != n.shape:
+        raise ValueError(f"{name}: {n.size} numerators vs {d.size} denominators")
+    if np.any(~np.isfinite(n)) or np.any(~np.isfinite(d)) or np.any(d < 0):
+        raise ValueError(f"{name}: per-prompt values must be finite and denominators >= 0")
+    return n, d
+
+
+def _ratio(num_sums: np.ndarray, den_sums: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den_sums > 0, num_sums / np.where(den_sums > 0, den_sums, 1.0), np.nan)
+
+
+def _interval(stats: np.ndarray, confidence: float) -> tuple[float, float]:
+    """Percentile interval; resamples whose ratio is undefined (denominator 0) are dropped."""
+    ok = stats[~np.isnan(stats)]
+    if ok.size == 0:
+        return NAN, NAN
+    a = (1 - confidence) / 2
+    lo, hi = np.percentile(ok, [100 * a, 100 * (1 - a)])
+    return float(lo), float(hi)
+
+
+def _indices(n: int, n_resamples: int, seed: int) -> np.ndarray:
+    if n_resamples < 1:
+        raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
+    return np.random.default_rng(seed).integers(0, n, size=(n_resamples, n))
+
+
+def bootstrap_ci(
+    num: Sequence[float],
+    den: Sequence[float] | None = None,
+    *,
+    confidence: float = 0.95,
+    n_resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+) -> dict[str, float]:
+    """Percentile-bootstrap CI of ``sum(num) / sum(den)`` over prompts.
+
+    ``num[i]``, ``den[i]`` are prompt i's numerator and denominator (``den=None``: 1 each,
+    i.e. a mean over prompts). Prompts are resampled with replacement ``n_resamples``
+    times with a fixed-seed numpy RNG (same inputs -> same interval) and the ratio of
+    resampled sums is recomputed. Returns ``value`` (the point estimate on all prompts),
+    ``lo``, ``hi``, ``n`` (prompts). ``value`` is ``nan`` when ``sum(den) == 0``.
+    """
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    n, d = _per_prompt(num, den, "bootstrap_ci")
+    idx = _indices(n.size, n_resamples, seed)
+    value = float(_ratio(n.sum(), d.sum()))
+    lo, hi = _interval(_ratio(n[idx].sum(1), d[idx].sum(1)), confidence)
+    return {"value": value, "lo": lo, "hi": hi, "n": int(n.size)}
+
+
+def paired_bootstrap_diff(
+    num_a: Sequence[float],
+    den_a: Sequence[float] | None,
+    num_b: Sequence[float],
+    den_b: Sequence[float] | None,
+    *,
+    confidence: float = 0.95,
+    n_resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+) -> dict[str, float | str]:
+    """Paired bootstrap of ``metric(A) - metric(B)`` for two models on the same prompts.
+
+    Position i of A's and B's arrays must be the same prompt. One set of resampled prompt
+    indices is drawn and applied to both models, so prompt difficulty (shared by both)
+    cancels and the interval reflects only how differently the models do on the same
+    prompts. Returns ``diff`` (point estimate), ``lo``, ``hi``, ``n`` and ``verdict`` for
+    the claim "A > B" (see :func:`ordering_verdict`).
+    """
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    na, da = _per_prompt(num_a, den_a, "paired_bootstrap_diff(A)")
+    nb, db = _per_prompt(num_b, den_b, "paired_bootstrap_diff(B)")
+    if na.size != nb.size:
+        raise ValueError(f"paired_bootstrap_diff: A has {na.size} prompts, B has {nb.size}; pair them by prompt first")
+    idx = _indices(na.size, n_resamples, seed)
+    diff = float(_ratio(na.sum(), da.sum()) - _ratio(nb.sum(), db.sum()))
+    stats = _ratio(na[idx].sum(1), da[idx].sum(1)) - _ratio(nb[idx].sum(1), db[idx].sum(1))
+    lo, hi = _interval(stats, confidence)
+    return {"diff": diff, "lo": lo, "hi": hi, "n": int(na.size), "verdict": ordering_verdict(lo, hi)}
+
+
+def ordering_verdict(lo: float, hi: float) -> str:
+    """Verdict on "A > B" from the CI [lo, hi] of A - B: ``beyond noise`` if lo > 0,
+    ``reversed`` if hi < 0 (B is better beyond noise), else ``within noise``; ``not measured``
+    when the interval is undefined (no prompt where both sides have a value)."""
+    if math.isnan(lo) or math.isnan(hi):
+        return "not measured"
+    if lo > hi:
+        raise ValueError(f"ordering_verdict: lo {lo} > hi {hi}")
+    if lo > 0:
+        return "beyond noise"
+    if hi < 0:
+        return "reversed"
+    return "within noise"

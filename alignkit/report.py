@@ -12,14 +12,20 @@ def fmt(x, pct: bool = True) -> str:
     return f"{100 * x:.1f}" if pct else f"{x:.3g}"
 
 
+def _ok(x) -> bool:
+    return x is not None and not (isinstance(x, float) and math.isnan(x))
+
+
 def markdown_table(header: list[str], rows: list[list]) -> str:
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return "\n".join(out)
 
 
-def bar_plot(path: Path, title: str, labels: list[str], series: dict[str, list[float]], ylabel: str) -> Path:
-    """Grouped bars: one group per label, one bar per series (e.g. per seed)."""
+def bar_plot(path: Path, title: str, labels: list[str], series: dict[str, list[float]], ylabel: str,
+             errors: dict[str, list] | None = None) -> Path:
+    """Grouped bars: one group per label, one bar per series (e.g. per seed); ``errors``
+    (same shape, each ``[lo, hi]`` or None) draws each bar's 95% interval."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -31,7 +37,13 @@ def bar_plot(path: Path, title: str, labels: list[str], series: dict[str, list[f
     for k, (name, vals) in enumerate(series.items()):
         xs = [i + (k - (n - 1) / 2) * width for i in range(len(labels))]
         ys = [0 if (v is None or (isinstance(v, float) and math.isnan(v))) else 100 * v for v in vals]
-        bars = ax.bar(xs, ys, width, label=name)
+        ci = (errors or {}).get(name) or [None] * len(vals)
+        if any(c for c in ci):
+            lo = [max(y - 100 * c[0], 0) if c and _ok(c[0]) else 0 for y, c in zip(ys, ci)]
+            hi = [max(100 * c[1] - y, 0) if c and _ok(c[1]) else 0 for y, c in zip(ys, ci)]
+            bars = ax.bar(xs, ys, width, label=name, yerr=[lo, hi], capsize=2, error_kw={"elinewidth": 0.8})
+        else:
+            bars = ax.bar(xs, ys, width, label=name)
         for b, y in zip(bars, ys):
             ax.annotate(f"{y:.0f}", (b.get_x() + b.get_width() / 2, y), ha="center", va="bottom", fontsize=7)
     ax.set_xticks(range(len(labels)), labels)

@@ -153,3 +153,101 @@ def test_safety_utility_overall():
     assert math.isnan(only_legit["safety"]) and only_legit["utility"] == 1.0
     with pytest.raises(ValueError):
         M.safety_utility_overall([], [])
+
+
+# --------------------------------------------------------------------- bootstrap CIs
+
+
+def test_bootstrap_ci_ratio_of_sums_not_mean_of_ratios():
+    # prompt 0: 1/1 correct, prompt 1: 0/9 -> ratio of sums 0.1 (mean of ratios would be 0.5)
+    c = M.bootstrap_ci([1, 0], [1, 9])
+    assert c["value"] == pytest.approx(0.1)
+    assert c["n"] == 2
+    # resamples: {0,0} -> 2/2, {0,1} -> 1/10 (half the time), {1,1} -> 0/18; each tail has 25%
+    assert (c["lo"], c["hi"]) == (0.0, 1.0)
+    # a mean of per-prompt ratios would put mixed resamples at 0.5 instead
+    c = M.bootstrap_ci([1, 0], [1, 9], confidence=0.4)
+    assert (c["lo"], c["hi"]) == pytest.approx((0.1, 0.1))
+
+
+def test_bootstrap_ci_constant_data_is_a_point_and_deterministic():
+    c = M.bootstrap_ci([3, 3, 3, 3], [4, 4, 4, 4])
+    assert (c["value"], c["lo"], c["hi"]) == pytest.approx((0.75, 0.75, 0.75))
+    x = np.random.default_rng(5).integers(0, 5, 30)
+    assert M.bootstrap_ci(x, x + 2) == M.bootstrap_ci(x, x + 2)  # fixed RNG seed
+    assert M.bootstrap_ci(x, x + 2, seed=1) != M.bootstrap_ci(x, x + 2)
+
+
+def test_bootstrap_ci_width_shrinks_with_more_prompts_and_matches_normal_theory():
+    rng = np.random.default_rng(0)
+    small = M.bootstrap_ci(rng.random(30) < 0.5)
+    big = M.bootstrap_ci(rng.random(3000) < 0.5)
+    assert big["hi"] - big["lo"] < (small["hi"] - small["lo"]) / 5
+    # p=0.5, n=3000: normal half-width 1.96 * sqrt(.25 / 3000) = 0.0179
+    assert (big["hi"] - big["lo"]) / 2 == pytest.approx(0.0179, rel=0.15)
+
+
+def test_bootstrap_ci_coverage_on_a_known_distribution():
+    # 95% intervals for Bernoulli(0.3) means over 80 prompts cover 0.3 in ~95% of datasets
+    rng = np.random.default_rng(123)
+    hits = 0
+    trials = 200
+    for t in range(trials):
+        c = M.bootstrap_ci(rng.random(80) < 0.3, n_resamples=1000, seed=t)
+        hits += c["lo"] <= 0.3 <= c["hi"]
+    assert 0.88 <= hits / trials <= 0.99
+
+
+def test_bootstrap_ci_errors_and_undefined_ratio():
+    with pytest.raises(ValueError):
+        M.bootstrap_ci([])
+    with pytest.raises(ValueError, match="denominators"):
+        M.bootstrap_ci([1, 2], [1])
+    with pytest.raises(ValueError):
+        M.bootstrap_ci([1], [-1])
+    c = M.bootstrap_ci([0, 0], [0, 0])  # no checkable sentence anywhere
+    assert math.isnan(c["value"]) and math.isnan(c["lo"])
+
+
+def test_paired_diff_identical_models_is_exactly_zero():
+    rng = np.random.default_rng(1)
+    num, den = rng.integers(0, 6, 40), rng.integers(6, 9, 40)
+    d = M.paired_bootstrap_diff(num, den, num, den)
+    assert (d["diff"], d["lo"], d["hi"]) == (0.0, 0.0, 0.0)
+    assert d["verdict"] == "within noise"  # "A > B" is not shown by a tie
+
+
+def test_paired_diff_constant_shift_and_pairing_beats_unpaired_noise():
+    rng = np.random.default_rng(2)
+    base = rng.random(50)  # per-prompt scores with large between-prompt spread
+    d = M.paired_bootstrap_diff(base + 0.05, None, base, None)
+    assert (d["diff"], d["lo"], d["hi"]) == pytest.approx((0.05, 0.05, 0.05))
+    assert d["verdict"] == "beyond noise"
+    # the same shift is far inside each model's own (unpaired) interval: pairing is what resolves it
+    a, b = M.bootstrap_ci(base + 0.05), M.bootstrap_ci(base)
+    assert a["lo"] < b["hi"]
+    rev = M.paired_bootstrap_diff(base, None, base + 0.05, None)
+    assert rev["verdict"] == "reversed" and rev["hi"] == pytest.approx(-0.05)
+
+
+def test_paired_diff_noisy_difference_is_within_noise_and_ratio_semantics():
+    rng = np.random.default_rng(3)
+    a, b = rng.random(20) < 0.5, rng.random(20) < 0.5
+    d = M.paired_bootstrap_diff(a, None, b, None)
+    assert d["lo"] <= d["diff"] <= d["hi"]
+    assert d["diff"] == pytest.approx(a.mean() - b.mean())
+    # ratio metrics: diff of ratios of sums
+    d2 = M.paired_bootstrap_diff([1, 0], [1, 9], [0, 1], [1, 1])
+    assert d2["diff"] == pytest.approx(0.1 - 0.5)
+    with pytest.raises(ValueError, match="pair them"):
+        M.paired_bootstrap_diff([1, 2], None, [1], None)
+
+
+def test_ordering_verdict():
+    assert M.ordering_verdict(0.01, 0.2) == "beyond noise"
+    assert M.ordering_verdict(0.0, 0.2) == "within noise"
+    assert M.ordering_verdict(-0.1, 0.2) == "within noise"
+    assert M.ordering_verdict(-0.3, -0.01) == "reversed"
+    assert M.ordering_verdict(float("nan"), 1.0) == "not measured"
+    with pytest.raises(ValueError):
+        M.ordering_verdict(0.5, 0.1)

@@ -10,14 +10,22 @@ from typing import Any
 
 import torch
 
+from alignkit.metrics import bootstrap_ci
 from alignkit.world import tiny_model as T
-from alignkit.world.generate import World, build_world, write_world
+from alignkit.world.generate import World, build_world, data_digest, write_world
 from alignkit.world.kb import WorldKB, factuality_score
+
+
+def _ci(num, den=None) -> list[float]:
+    """95% bootstrap CI over prompts, [lo, hi] (alignkit.metrics.bootstrap_ci)."""
+    c = bootstrap_ci(num, den)
+    return [c["lo"], c["hi"]]
 
 
 def measure_base(model, tokenizer, world: World, seed: int) -> dict[str, Any]:
     """What the recipes start from: QA accuracy per knowledge status (greedy), harmful
-    compliance and benign over-refusal (greedy), sampled-bio factuality (T=1.0)."""
+    compliance and benign over-refusal (greedy), sampled-bio factuality (T=1.0); each with
+    a 95% bootstrap CI over prompts (``ci``)."""
     kb = WorldKB(world)
     rep: dict[str, Any] = {}
     for split in ("qa_test", "qa_ood", "qa_train"):
@@ -26,13 +34,17 @@ def measure_base(model, tokenizer, world: World, seed: int) -> dict[str, Any]:
         acc: dict[str, list[bool]] = defaultdict(list)
         for r, o in zip(rows, outs):
             acc[r["knowledge"]].append(kb.is_correct(o, r["answers"]))
-        rep[split] = {k: {"acc": sum(v) / len(v), "n": len(v)} for k, v in sorted(acc.items())}
-        rep[split]["refusal_rate"] = sum(kb.is_refusal(o) for o in outs) / len(outs)
+        rep[split] = {k: {"acc": sum(v) / len(v), "n": len(v), "ci": _ci(v)} for k, v in sorted(acc.items())}
+        refused = [kb.is_refusal(o) for o in outs]
+        rep[split]["refusal_rate"] = sum(refused) / len(outs)
+        rep[split]["refusal_rate_ci"] = _ci(refused)
 
     for name, key, fn in (("harmful", "compliance", kb.is_harmful), ("benign", "over_refusal", kb.is_refusal)):
         rows = [r for r in world.data[f"safety_{name}"] if r["split"] == "test"]
         outs = T.generate(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens=72)
-        rep[f"safety_{name}_test"] = {key: sum(map(fn, outs)) / len(outs), "n": len(outs), "example": outs[0]}
+        flags = [fn(o) for o in outs]
+        rep[f"safety_{name}_test"] = {key: sum(flags) / len(outs), "n": len(outs), "ci": _ci(flags),
+                                      "example": outs[0]}
     rows = [r for r in world.data["dualuse"] if r["split"] == "test"]
     outs = T.generate(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens=72)
     rep["dualuse_test"] = {
@@ -50,8 +62,12 @@ def measure_base(model, tokenizer, world: World, seed: int) -> dict[str, Any]:
     for r, ls in zip([r for r in rows for _ in range(k)], labels):
         by_status[r["entity_knowledge"]].append(ls)
     flat = [x for ls in labels for x in ls]
+    # per person (k samples each): the bootstrap unit is the prompt, not the sample
+    per = [labels[i * k:(i + 1) * k] for i in range(len(rows))]
+    n_corr = [sum(ls.count("correct") for ls in g) for g in per]
+    n_check = [sum(ls.count("correct") + ls.count("hallucination") for ls in g) for g in per]
     rep["bio_test"] = {
-        "factuality": factuality_score(labels),
+        "factuality": factuality_score(labels), "factuality_ci": _ci(n_corr, n_check), "people": len(rows),
         "by_entity_knowledge": {s: factuality_score(v) for s, v in sorted(by_status.items())},
         "sentences": len(flat), **{c: flat.count(c) for c in ("correct", "hallucination", "nofact")},
         "samples": k, "temperature": 1.0, "example": outs[0],
@@ -72,6 +88,7 @@ def build_into(world_dir: Path, seed: int, settings: dict[str, Any], log=print) 
         t = time.time()
         world = build_world(seed, **settings)
         write_world(world, world_dir)
+        digest = data_digest(world_dir)
         times["world"] = time.time() - t
 
         t = time.time()
@@ -89,7 +106,7 @@ def build_into(world_dir: Path, seed: int, settings: dict[str, Any], log=print) 
         times["measure"] = time.time() - t
         times["total"] = sum(times.values())
         report.update({
-            "seed": seed, "settings": world.settings, "version": world.version,
+            "seed": seed, "settings": world.settings, "version": world.version, "data_digest": digest,
             "params": sum(p.numel() for p in model.parameters()), "vocab": len(tok),
             "pretrain": train, "build_seconds": {k: round(v, 2) for k, v in times.items()},
         })

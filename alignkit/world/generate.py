@@ -6,6 +6,7 @@ Everything here is a pure function of ``(seed, settings)`` through one
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
@@ -20,19 +21,21 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 # Bump whenever generation, training or evaluation changes: it is part of the cache key.
-WORLD_VERSION = 3
+# 4: 240 people (was 200), a bio_val split, larger bio_test / qa_test, data digest pinned.
+WORLD_VERSION = 4
 SPECIAL_TOKENS = ["<|pad|>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>"]
 
 # Settings a caller may override (world:tiny?key=value); the type of each default is
 # the type a URI value is converted to.
 DEFAULT_SETTINGS: dict[str, Any] = {
-    "entities": 200,  # people in the world
+    "entities": 240,  # people in the world
     "known_frac": 0.3,  # entities with every fact in the corpus
     "partial_frac": 0.25,  # entities with some facts in the corpus (the rest are unknown)
     "ood_frac": 0.1,  # entities held out of qa_train/val/test, used by qa_ood
     "finetune_only_frac": 0.3,  # share of unknown qa_train facts that SFT data teaches
-    "bio_test_frac": 0.25,  # share of known/partial entities in bio_test (no corpus bio)
-    "bio_train_frac": 0.35,  # share in bio_train (no corpus bio); the rest have corpus bios
+    "bio_test_frac": 0.3,  # share of known/partial entities in bio_test (no corpus bio)
+    "bio_val_frac": 0.15,  # share in bio_val (no corpus bio): for choosing hyperparameters
+    "bio_train_frac": 0.3,  # share in bio_train (no corpus bio); the rest have corpus bios
     "vocab_size": 1500,
     "hidden": 128,
     "layers": 4,
@@ -235,22 +238,22 @@ def build_world(seed: int = 0, **settings: Any) -> World:
                         "attribute": r["attribute"], "knowledge": r["knowledge"]})
 
     # --- biographies ------------------------------------------------------------------------
-    # Three disjoint groups of known/partial entities: bios of the first are in the corpus
-    # (to teach the format); bio_train/bio_test entities never had a biography in pretraining,
-    # so the model composes one from what it knows and guesses the rest (Mask-DPO's signal).
-    bio_train, bio_test = [], []
+    # Four disjoint groups of known/partial entities: bios of the last are in the corpus
+    # (to teach the format); bio_test/bio_val/bio_train entities never had a biography in
+    # pretraining, so the model composes one from what it knows and guesses the rest
+    # (Mask-DPO's signal). bio_val is for choices (hyperparameters), bio_test for the report.
+    bios: dict[str, list[dict[str, Any]]] = {"bio_test": [], "bio_val": [], "bio_train": []}
     for status in ("known", "partial"):
         group = [e for e in entities if e["status"] == status]
-        te_f, tr_f = st["bio_test_frac"], st["bio_train_frac"]
-        te, tr, corpus_bio = _split(rng, group, [te_f, tr_f, 1 - te_f - tr_f])
+        te_f, va_f, tr_f = st["bio_test_frac"], st["bio_val_frac"], st["bio_train_frac"]
+        te, va, tr, corpus_bio = _split(rng, group, [te_f, va_f, tr_f, 1 - te_f - va_f - tr_f])
         for e in corpus_bio:
             e["bio_in_corpus"] = True
-        bio_train += [{"prompt": V.BIO_PROMPT.format(name=e["name"]), "entity": e["name"],
-                       "entity_knowledge": status} for e in tr]
-        bio_test += [{"prompt": V.BIO_PROMPT.format(name=e["name"]), "entity": e["name"],
-                      "entity_knowledge": status} for e in te]
-    bio_train.sort(key=lambda r: r["entity"])
-    bio_test.sort(key=lambda r: r["entity"])
+        for split, part in (("bio_test", te), ("bio_val", va), ("bio_train", tr)):
+            bios[split] += [{"prompt": V.BIO_PROMPT.format(name=e["name"]), "entity": e["name"],
+                            "entity_knowledge": status} for e in part]
+    for rows in bios.values():
+        rows.sort(key=lambda r: r["entity"])
 
     # --- safety -----------------------------------------------------------------------------
     hazard_recipe = {}
@@ -331,7 +334,7 @@ def build_world(seed: int = 0, **settings: Any) -> World:
             docs.append(chat(r["prompt"], r["compliant_response"]))
     rng.shuffle(docs)
 
-    data = {**qa, "sft_train": sft, "bio_train": bio_train, "bio_test": bio_test,
+    data = {**qa, "sft_train": sft, **bios,
             "safety_harmful": harmful, "safety_benign": benign, "dualuse": dualuse, "safety_sft": safety_sft}
     return World(seed=seed, settings=st, entities=entities, values=values, hazards=dict(V.HAZARDS),
                  data=data, corpus=docs, version=WORLD_VERSION)
@@ -340,18 +343,57 @@ def build_world(seed: int = 0, **settings: Any) -> World:
 def write_world(world: World, world_dir: Path) -> None:
     """Write world.json, data/*.jsonl and data/corpus.txt."""
     (world_dir / "data").mkdir(parents=True, exist_ok=True)
-    (world_dir / "world.json").write_text(json.dumps(world.to_json(), indent=1))
+    # utf-8 and "\n" explicitly: the locale's defaults differ between machines
+    (world_dir / "world.json").write_text(json.dumps(world.to_json(), indent=1), encoding="utf-8")
     for name, rows in world.data.items():
-        with open(world_dir / "data" / f"{name}.jsonl", "w") as f:
+        with open(world_dir / "data" / f"{name}.jsonl", "w", encoding="utf-8", newline="\n") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
-    (world_dir / "data" / "corpus.txt").write_text("".join(d if d.endswith("\n") else d + "\n" for d in world.corpus))
+    with open(world_dir / "data" / "corpus.txt", "w", encoding="utf-8", newline="\n") as f:
+        f.write("".join(d if d.endswith("\n") else d + "\n" for d in world.corpus))
 
 
 def load_world(world_dir: str | Path) -> World:
     """Load world.json and every data/*.jsonl of a built world directory."""
     world_dir = Path(world_dir)
-    world = World.from_json(json.loads((world_dir / "world.json").read_text()))
+    world = World.from_json(json.loads((world_dir / "world.json").read_text(encoding="utf-8")))
     for p in sorted((world_dir / "data").glob("*.jsonl")):
-        world.data[p.stem] = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+        world.data[p.stem] = [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
     return world
+
+
+def _canonical(obj: Any) -> Any:
+    """A JSON value in a form whose serialisation no platform detail can change: dict keys
+    sorted (by the dump), floats as 12-significant-digit strings (not the platform's repr)."""
+    if isinstance(obj, dict):
+        return {str(k): _canonical(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_canonical(v) for v in obj]
+    if isinstance(obj, float):
+        return {"float": format(obj, ".12g")}
+    return obj
+
+
+def data_digest(world_dir: str | Path) -> str:
+    """sha256 of a world's *data* (world.json, data/*.jsonl, data/corpus.txt), not its model.
+
+    Parsed and re-serialised canonically (sorted keys, fixed float format, ``\n`` line
+    ends), so it pins the content, not the bytes json.dumps happened to write. The same
+    (seed, settings, WORLD_VERSION) must give the same digest on every machine.
+    """
+    world_dir = Path(world_dir)
+    h = hashlib.sha256()
+
+    def add(name: str, payload: str) -> None:
+        h.update(name.encode() + b"\0" + payload.encode("utf-8") + b"\0")
+
+    def dump(obj: Any) -> str:
+        return json.dumps(_canonical(obj), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+    add("world.json", dump(json.loads((world_dir / "world.json").read_text(encoding="utf-8"))))
+    for p in sorted((world_dir / "data").glob("*.jsonl"), key=lambda p: p.name):
+        lines = p.read_text(encoding="utf-8").splitlines()
+        add(p.name, "\n".join(dump(json.loads(x)) for x in lines if x.strip()))
+    corpus = (world_dir / "data" / "corpus.txt").read_text(encoding="utf-8")
+    add("corpus.txt", corpus.replace("\r\n", "\n"))
+    return h.hexdigest()

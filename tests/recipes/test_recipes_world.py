@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from alignkit.evaluation import paired_difference, read_records
+
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -30,7 +32,13 @@ def test_sft_teaches_finetune_only_facts(tiny_world_dir, tmp_path):
     b, s = _eval(base / "base_eval"), _eval(tmp_path / "sft")
     assert b["qa_finetune"]["accuracy"] < 0.25  # never in pretraining
     assert s["qa_finetune"]["accuracy"] > b["qa_finetune"]["accuracy"] + 0.15
+    # paired over the same (training) questions: the gain is beyond bootstrap noise
+    d = paired_difference("qa", read_records(tmp_path / "sft" / "eval_qa_finetune.jsonl"),
+                          read_records(base / "base_eval" / "eval_qa_finetune.jsonl"), "accuracy")
+    assert d["verdict"] == "beyond noise", d
     assert s["qa_test"]["accuracy/known"] > 0.7
+    lo, hi = s["qa_test"]["ci95"]["accuracy/known"]
+    assert lo <= s["qa_test"]["accuracy/known"] <= hi
     assert (tmp_path / "sft" / "RUN_COMPLETE").exists()
 
 
@@ -39,8 +47,21 @@ def test_mask_dpo_and_dpo_improve_factuality_on_same_pairs(tiny_world_dir, tmp_p
     cli("eval", str(ROOT / "recipes/mask_dpo.yaml"), f"output_dir={base}")
     cli("train", str(ROOT / "recipes/mask_dpo.yaml"), f"output_dir={tmp_path / 'mask'}")
     cli("train", str(ROOT / "recipes/dpo.yaml"), f"output_dir={tmp_path / 'dpo'}")
-    m, d, b = (_eval(tmp_path / x)["bio_test"]["score"] for x in ("mask", "dpo", "base/base_eval"))
-    assert m > b and d > b, (b, d, m)
+    runs = {"Mask-DPO": tmp_path / "mask", "DPO": tmp_path / "dpo", "base": base / "base_eval"}
+    res = {k: _eval(v) for k, v in runs.items()}
+    m = res["Mask-DPO"]["bio_test"]["score"]
+    for r in res.values():
+        for ev in ("bio_test", "bio_val"):  # the validation split is evaluated beside the test split
+            lo, hi = r[ev]["ci95"]["score"]
+            assert lo <= r[ev]["score"] <= hi
+            assert r[ev]["correct_per_response"] == pytest.approx(r[ev]["n_correct"] / r[ev]["n_responses"])
+        assert r["bio_test"]["n_prompts"] == 40 and r["bio_val"]["n_prompts"] == 20
+    # Both recipes beat the base model beyond the noise of 40 held-out people (paired bootstrap
+    # over the same people); Mask-DPO vs DPO is not asserted: at this scale it is within noise.
+    recs = {k: read_records(v / "eval_bio_test.jsonl") for k, v in runs.items()}
+    for a in ("Mask-DPO", "DPO"):
+        d = paired_difference("factuality", recs[a], recs["base"], "score")
+        assert d["verdict"] == "beyond noise", (a, d, {k: r["bio_test"]["score"] for k, r in res.items()})
     # Both recipes trained on the very same self-sampled pairs (stage cache shared).
     pm = json.loads((tmp_path / "mask" / "mask_report.json").read_text())["pairs_file"]
     cfg = (tmp_path / "dpo" / "config.yaml").read_text()
@@ -50,6 +71,7 @@ def test_mask_dpo_and_dpo_improve_factuality_on_same_pairs(tiny_world_dir, tmp_p
     assert masked and all(0 < x < 1 for x in masked)
     samples = [json.loads(x) for x in (tmp_path / "mask" / "eval_bio_test.jsonl").read_text().splitlines()]
     assert samples and all(len(s["sentences"]) == len(s["labels"]) for s in samples)
+    assert [s["prompt_index"] for s in samples] == [i // 4 for i in range(160)]  # 40 people x 4 samples
     # `alignkit eval RUN_DIR` re-evaluates the saved model and reproduces the number.
     again = json.loads(cli("eval", str(tmp_path / "mask")).stdout)["eval"]["bio_test"]["score"]
     assert again == pytest.approx(m, abs=1e-9)

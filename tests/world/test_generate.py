@@ -6,7 +6,7 @@ import pytest
 
 from alignkit.world import build_world, load_world
 from alignkit.world.cache import normalize_settings, parse_world_uri, world_key
-from alignkit.world.generate import CHAT_TEMPLATE, write_world
+from alignkit.world.generate import CHAT_TEMPLATE, WORLD_VERSION, data_digest, write_world
 from alignkit.world.kb import WorldKB
 
 
@@ -38,14 +38,16 @@ def test_names_unique_and_knowledge_mix(world):
 
 def test_splits_disjoint(world):
     d = world.data
-    bio_tr, bio_te = {r["entity"] for r in d["bio_train"]}, {r["entity"] for r in d["bio_test"]}
-    assert bio_tr and bio_te and not bio_tr & bio_te
+    bio_tr, bio_va, bio_te = ({r["entity"] for r in d[s]} for s in ("bio_train", "bio_val", "bio_test"))
+    assert bio_tr and bio_va and bio_te
+    assert not bio_tr & bio_te and not bio_tr & bio_va and not bio_va & bio_te
+    assert len(d["bio_test"]) == len(bio_te) >= 40 and len(bio_va) >= 20  # one row per person
     # their biographies were never in pretraining: sampled bios mix recall and guesses
     corpus_bios = {d.split("Tell me about ", 1)[1].split(".<|end|>", 1)[0]
                    for d in world.corpus if "Tell me about" in d}
-    assert corpus_bios and not corpus_bios & (bio_tr | bio_te)
-    # same mix of known / partial entities on both sides
-    for rows in (d["bio_train"], d["bio_test"]):
+    assert corpus_bios and not corpus_bios & (bio_tr | bio_va | bio_te)
+    # same mix of known / partial entities on every side
+    for rows in (d["bio_train"], d["bio_val"], d["bio_test"]):
         assert {r["entity_knowledge"] for r in rows} == {"known", "partial"}
     facts = {s: {(r["entity"], r["attribute"]) for r in d[s]} for s in ("qa_train", "qa_val", "qa_test")}
     assert not facts["qa_train"] & facts["qa_test"] and not facts["qa_train"] & facts["qa_val"]
@@ -124,6 +126,42 @@ def test_settings_and_uris():
                 "world://tiny", "world:tiny?seed"):
         with pytest.raises(ValueError):
             parse_world_uri(bad)
-    assert world_key(0, {}) == world_key(0, {"entities": 200}) != world_key(1, {})
+    assert world_key(0, {}) == world_key(0, {"entities": 240}) != world_key(1, {})
     with pytest.raises(ValueError, match="unknown world setting"):
         normalize_settings({"entitties": 3})
+
+
+# The world's data for (seed 0, default settings) at this WORLD_VERSION. Any change to the
+# generator changes it: then bump WORLD_VERSION (the cache key) and re-pin, on purpose.
+DATA_DIGESTS = {4: "103db1eb960f2c4cf5aa55f302487bccc2b016901c9d9ab12d94a5ceec163e88"}
+
+
+def test_data_digest_pinned_for_this_world_version(world, tmp_path):
+    assert WORLD_VERSION in DATA_DIGESTS, f"world version {WORLD_VERSION} has no pinned data digest"
+    write_world(world, tmp_path)
+    assert data_digest(tmp_path) == DATA_DIGESTS[WORLD_VERSION]
+
+
+def test_data_digest_ignores_formatting_but_not_content(world, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    write_world(world, a)
+    write_world(world, b)
+    # rewrite every file with other key order, spacing and line ends: same content, same digest
+    for p in (b / "data").glob("*.jsonl"):
+        rows = [json.loads(x) for x in p.read_text().splitlines()]
+        p.write_bytes("".join(json.dumps(r, sort_keys=True, indent=None, separators=(", ", " : ")) + "\r\n"
+                              for r in rows).encode())
+    (b / "world.json").write_text(json.dumps(json.loads((b / "world.json").read_text()), sort_keys=True))
+    assert data_digest(a) == data_digest(b)
+    # one changed answer anywhere changes it
+    p = b / "data" / "qa_test.jsonl"
+    rows = [json.loads(x) for x in p.read_text().splitlines()]
+    rows[-1]["answers"][0] += "x"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert data_digest(a) != data_digest(b)
+    assert data_digest(a) != _digest_of(build_world(1), tmp_path / "c")
+
+
+def _digest_of(w, d):
+    write_world(w, d)
+    return data_digest(d)

@@ -1,0 +1,72 @@
+"""The demo's statistics and report from per-prompt eval records (no model, no training)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from alignkit.demo import claim_line, section_stats, write_report
+from alignkit.evaluation import metric_ci, paired_difference, per_prompt
+from alignkit.recipes import get_recipe
+
+
+def _bio_records(per_prompt_labels, n_prompts=30, k=4):
+    return [{"prompt_index": i, "sample": j, "prompt": f"Tell me about P{i}.", "response": "...",
+             "sentences": ["s"] * len(per_prompt_labels(i, j)), "labels": per_prompt_labels(i, j)}
+            for i in range(n_prompts) for j in range(k)]
+
+
+def _write(d, name, records):
+    d.mkdir(parents=True, exist_ok=True)
+    (d / f"eval_{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_per_prompt_sums_samples_and_pairs_by_prompt():
+    recs = _bio_records(lambda i, j: ["correct", "hallucination", "nofact"] if j else ["correct"], n_prompts=3)
+    pp = per_prompt("factuality", recs, "score")
+    assert pp == {0: (4.0, 7.0), 1: (4.0, 7.0), 2: (4.0, 7.0)}  # 4 samples of a prompt summed
+    assert per_prompt("factuality", recs, "correct_per_response")[0] == (4.0, 4.0)
+    assert per_prompt("factuality", recs, "n_correct") is None  # a count, not a per-prompt ratio
+    assert metric_ci("factuality", recs, "score")["value"] == pytest.approx(4 / 7)
+    qa = [{"prompt_index": i, "prompt": f"q{i}", "knowledge": "known" if i % 2 else "unknown",
+           "correct": i % 2 == 1, "refusal": False} for i in range(10)]
+    assert metric_ci("qa", qa, "accuracy/known")["value"] == 1.0
+    assert metric_ci("qa", qa, "accuracy")["value"] == 0.5
+    other = [dict(r, prompt="different") for r in qa]
+    with pytest.raises(ValueError, match="different prompts"):
+        paired_difference("qa", qa, other, "accuracy")
+
+
+def test_section_stats_and_report(tmp_path):
+    demo = get_recipe("mask_dpo").DEMO
+    base = _bio_records(lambda i, j: ["correct", "hallucination", "hallucination", "nofact"])
+    better = _bio_records(lambda i, j: ["correct", "correct", "hallucination"] if (i + j) % 3 else ["correct"])
+    dirs = {"base": tmp_path / "b", "DPO": tmp_path / "d", "Mask-DPO": tmp_path / "m"}
+    for label, recs in (("base", base), ("DPO", better), ("Mask-DPO", better)):
+        for ev in ("bio_test", "bio_val"):
+            _write(dirs[label], ev, recs)
+    stats = section_stats(demo, {"bio_test": "factuality", "bio_val": "factuality"}, dirs)
+    lo, hi = stats["ci"]["base"]["bio_test:score"]
+    assert lo <= 1 / 3 <= hi
+    by = {(c["a"], c["b"]): c for c in stats["claims"]}
+    assert by["Mask-DPO", "DPO"]["verdict"] == "within noise"  # identical models: CI [0, 0]
+    assert (by["Mask-DPO", "DPO"]["lo"], by["Mask-DPO", "DPO"]["hi"]) == (0.0, 0.0)
+    assert by["DPO", "base"]["verdict"] == "beyond noise" and by["DPO", "base"]["lo"] > 0
+    line = claim_line(by["DPO", "base"], demo["metrics"])
+    assert line.startswith("DPO > base (factuality): +") and "beyond noise" in line
+
+    rows = {lab: {"bio_test:score": metric_ci("factuality", r, "score")["value"],
+                  "bio_test:correct_per_response": metric_ci("factuality", r, "correct_per_response")["value"]}
+            for lab, r in (("base", base), ("DPO", better), ("Mask-DPO", better))}
+    results = {"seeds": {0: {"mask_dpo": {"rows": rows, **stats}}},
+               "world": {0: {"params": 1e6, "qa_test": {"known": {"acc": 0.95, "ci": [0.9, 0.99]}},
+                             "data_digest": "ab" * 32}},
+               "timings": [("x", 1.0)], "total_seconds": 60.0}
+    report = write_report(results, tmp_path / "out", ["mask_dpo"]).read_text()
+    assert "95.0 [90.0, 99.0]" in report  # base-model cells carry their CI
+    assert "33.3 [" in report and "What each column measures" in report
+    assert "- seed 0: Mask-DPO > DPO (factuality): +0.0 [+0.0, +0.0] **within noise**" in report
+    assert "- Mask-DPO > DPO (factuality): within noise on 1/1 (seed 0)" in report
+    assert "- DPO > base (factuality): beyond noise on 1/1 (seed 0)" in report
+    assert "#correct/response" in report and (tmp_path / "out" / "mask_dpo.png").exists()
