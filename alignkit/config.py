@@ -10,8 +10,8 @@ a "did you mean" suggestion. ``key=value`` overrides address any field by dotted
 from __future__ import annotations
 
 import copy
-import dataclasses
 import difflib
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -55,6 +55,9 @@ class QuantizationConfig(Strict):
     quant_type: Literal["nf4", "fp4"] = "nf4"
     double_quant: bool = True
     compute_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    cpu_packed_inference: bool = Field(
+        True, description="on CPUs with AVX512-BF16, let bitsandbytes use its packed 4-bit kernel (bf16 compute) "
+                          "for inference on the layers it can take; never used while training")
 
 
 class ModelConfig(Strict):
@@ -66,6 +69,9 @@ class ModelConfig(Strict):
     lora: LoraConfig | None = None
     quantization: QuantizationConfig | None = None
     revision: str | None = None
+    disable_dropout: bool | None = Field(
+        None, description="set every dropout (LoRA's too) to 0; default: true for preference recipes (TRL's "
+                          "disable_dropout), false for SFT")
 
     @model_validator(mode="after")
     def _qlora_needs_lora(self):
@@ -126,9 +132,9 @@ class TrainConfig(BaseModel):
             raise ValueError("; ".join(f"unknown training argument '{k}'{hint}" for k, hint in unknown))
         if self.bf16 and self.fp16:
             raise ValueError("bf16 and fp16 are mutually exclusive")
-        from transformers import SchedulerType
+        from alignkit.hf_names import scheduler_names
 
-        names = [x.value for x in SchedulerType]
+        names = list(scheduler_names())
         if self.lr_scheduler_type not in names:
             raise ValueError(f"lr_scheduler_type {self.lr_scheduler_type!r} is not one of {names}"
                              f"{_suggest(self.lr_scheduler_type, names)}")
@@ -148,9 +154,9 @@ OWNED_TRAIN_KEYS = {
 
 def unknown_train_keys(keys) -> list[tuple[str, str]]:
     """``(key, hint)`` for keys that are not TrainingArguments fields, or that alignkit owns."""
-    from transformers import TrainingArguments
+    from alignkit.hf_names import training_argument_names
 
-    known = {f.name for f in dataclasses.fields(TrainingArguments)} | set(TrainConfig.model_fields)
+    known = set(training_argument_names()) | set(TrainConfig.model_fields)
     out = [(k, _suggest(k, known)) for k in sorted(set(keys) - known)]
     out += [(k, f"; alignkit sets it: {OWNED_TRAIN_KEYS[k]}") for k in sorted(set(keys) & set(OWNED_TRAIN_KEYS))]
     return out
@@ -310,3 +316,27 @@ def load_config(path: str | Path | dict, overrides: list[str] | None = None) -> 
 
 def dump_config(cfg: RunConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+# ---------------------------------------------------------------- checks recipes share
+# (here, not in training.py, so `alignkit validate` runs them without importing torch)
+
+
+def common_checks(cfg: RunConfig) -> list[str]:
+    """Cross-field checks every training recipe shares."""
+    problems = []
+    if cfg.data.train is None:
+        problems.append("field 'data.train': required for training (data.train.path: FILE)")
+    return problems
+
+
+def preference_checks(cfg: RunConfig, method) -> list[str]:
+    problems = common_checks(cfg)
+    if method.loss_type != "sigmoid" and method.label_smoothing > 0:
+        problems.append("field 'method.label_smoothing': only defined for loss_type 'sigmoid' (cDPO)")
+    sharded = (cfg.train.model_extra or {}).get("deepspeed") or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true" \
+        or os.environ.get("ACCELERATE_USE_FSDP") == "true"
+    if method.precompute_ref_logps and sharded:
+        problems.append("field 'method.precompute_ref_logps': not supported with DeepSpeed/FSDP (the policy is "
+                        "sharded before a reference pass could run); keep a reference copy or use LoRA")
+    return problems

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -134,6 +135,34 @@ def model_fingerprint(model_dir_or_model: Any) -> str:
     return h.hexdigest()[:16]
 
 
+def source_fingerprint(name_or_path: str, revision: str | None = None) -> str:
+    """A cache-key fingerprint for a model *reference* (a config's ``model.name_or_path``).
+
+    * A local directory: :func:`model_fingerprint` of its files.
+    * A hub id (``name`` or ``org/name``): ``hub:<id>@<revision or main>``. Never the
+      downloaded files: the key must be the same before and after the first download,
+      and on every rank (rank 0 downloads and samples under ``main_process_first``; the
+      others must hit its cache, not re-sample). Pin ``model.revision`` to a commit for
+      a key that cannot go stale when the branch moves.
+
+    A name that looks like a local path (``/``, ``./``, ``~``, more than one ``/``, or
+    whose parent folder exists, like ``runs/model``) but is not a directory is an error.
+    """
+    root = Path(name_or_path).expanduser()
+    if root.is_dir():
+        return model_fingerprint(root)
+    parent = root.parent
+    path_like = (name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1 or "\\" in name_or_path
+                 or not _HUB_ID.fullmatch(name_or_path) or (str(parent) not in ("", ".") and parent.is_dir()))
+    if path_like:
+        raise FileNotFoundError(f"model_fingerprint: {name_or_path} is not a directory")
+    return f"hub:{name_or_path}@{revision or 'main'}"
+
+
+# Hub repo ids: "name" or "org/name" of letters, digits, '-', '_', '.'.
+_HUB_ID = re.compile(r"[\w][\w.-]*(/[\w][\w.-]*)?")
+
+
 class _LogprobRecorder:
     """Logits processor that accumulates the log-prob of each sampled token.
 
@@ -204,7 +233,8 @@ def generate(
     logprob_source: str = "model",
     cache_dir: str | os.PathLike | None = None,
     fingerprint: str | None = None,
-) -> list[list[str]] | tuple[list[list[str]], list[list[float]]]:
+    return_truncated: bool = False,
+) -> list[list[str]] | tuple:
     """Generate ``n`` completions for each prompt; returns ``n`` strings per prompt.
 
     Prompts are plain user strings or message lists, rendered with the chat template
@@ -223,6 +253,10 @@ def generate(
 
     ``cache_dir``: per-batch JSON cache (see module docstring); ``fingerprint``
     defaults to :func:`model_fingerprint` of the model object.
+
+    ``return_truncated=True`` appends, as the last element of the returned tuple, one
+    flag per sample: ``True`` when it hit ``max_new_tokens`` without an end token (the
+    text stops mid-answer; training it as finished teaches stopping mid-sentence).
     """
     import torch
     from tqdm.auto import tqdm
@@ -258,6 +292,7 @@ def generate(
 
     texts: list[list[str]] = []
     logps: list[list[float]] = []
+    truncs: list[list[bool]] = []
     was_training = getattr(model, "training", False)
     old_side, old_pad = tokenizer.padding_side, tokenizer.pad_token
     try:
@@ -277,12 +312,15 @@ def generate(
                 ).hexdigest()
                 path = cache / f"{key}.json"
                 hit = _read_json(path)
-                if hit is not None and len(hit.get("texts", [])) == len(batch):
+                # Entries written before truncation flags were recorded are misses when flags are asked for.
+                if hit is not None and len(hit.get("texts", [])) == len(batch) \
+                        and (not return_truncated or "truncated" in hit):
                     texts.extend(hit["texts"])
                     logps.extend(hit.get("logprobs") or [])
+                    truncs.extend(hit.get("truncated") or [])
                     bar.update(len(batch))
                     continue
-            bt, bl = _generate_batch(
+            bt, bl, btr = _generate_batch(
                 model,
                 tokenizer,
                 batch,
@@ -300,9 +338,10 @@ def generate(
                 torch=torch,
             )
             if path is not None:
-                _atomic_write_json(path, {"texts": bt, "logprobs": bl})
+                _atomic_write_json(path, {"texts": bt, "logprobs": bl, "truncated": btr})
             texts.extend(bt)
             logps.extend(bl or [])
+            truncs.extend(btr)
             bar.update(len(batch))
         bar.close()
     finally:
@@ -311,6 +350,8 @@ def generate(
             tokenizer.pad_token = None
         if was_training:
             model.train()
+    if return_truncated:
+        return (texts, logps, truncs) if lp_mode else (texts, truncs)
     if lp_mode:
         return texts, logps
     return texts
@@ -361,20 +402,23 @@ def _generate_batch(
         seqs = model.generate(**enc, **kwargs)
         rec = recorder.finish(seqs) if recorder is not None else None
     new = seqs[:, prompt_len:].tolist()
-    decoded = []
+    decoded, cut_off = [], []
     for row in new:
-        cut = next((i for i, tok in enumerate(row) if tok in eos_ids), len(row))
-        decoded.append(tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
+        cut = next((i for i, tok in enumerate(row) if tok in eos_ids), None)
+        # No end token among the new tokens: generation stopped at the max_new_tokens cap.
+        cut_off.append(cut is None)
+        decoded.append(tokenizer.decode(row[: len(row) if cut is None else cut], skip_special_tokens=True).strip())
     lps = None
     if rec is not None:
         total, count = rec
         lps = [s / c if (lp_mode == "mean" and c) else s for s, c in zip(total, count)]
     per = 1 if greedy else n
     texts = [decoded[i * per : (i + 1) * per] * (n if greedy else 1) for i in range(len(batch))]
+    truncated = [cut_off[i * per : (i + 1) * per] * (n if greedy else 1) for i in range(len(batch))]
     logps = None
     if lps is not None:
         logps = [lps[i * per : (i + 1) * per] * (n if greedy else 1) for i in range(len(batch))]
-    return texts, logps
+    return texts, logps, truncated
 
 
 def greedy_answers(model: Any, tokenizer: Any, prompts: Sequence[Prompt], **kw: Any) -> list[str]:

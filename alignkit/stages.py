@@ -41,8 +41,13 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return [json.loads(x) for x in Path(path).read_text(encoding="utf-8").splitlines() if x.strip()]
 
 
-def run_stage(name: str, key: dict, fn: Callable[[], list[dict]], stage_dir: str | Path | None = None) -> Path:
-    """Return the stage output path, computing it with ``fn`` only when not cached."""
+def run_stage(name: str, key: dict, fn: Callable[[], list[dict] | tuple[list[dict], dict]],
+              stage_dir: str | Path | None = None) -> Path:
+    """Return the stage output path, computing it with ``fn`` only when not cached.
+
+    ``fn`` returns the rows, or ``(rows, report)``: the report (counts by reason...) is
+    kept in the provenance file beside the output.
+    """
     stage_dir = Path(stage_dir) if stage_dir else default_stage_dir()
     fp = fingerprint(name, key)
     out = stage_dir / f"{name}-{fp}.jsonl"
@@ -50,9 +55,13 @@ def run_stage(name: str, key: dict, fn: Callable[[], list[dict]], stage_dir: str
         log.info("stage %s: inputs unchanged, reusing %s", name, out)
         return out
     t0 = time.time()
-    rows = fn()
+    rows, report = fn(), None
+    if isinstance(rows, tuple):
+        rows, report = rows
     write_jsonl_atomic(out, rows)
     prov = {"stage": name, "fingerprint": fp, "inputs": key, "rows": len(rows), "seconds": round(time.time() - t0, 2)}
+    if report is not None:
+        prov["report"] = report
     atomic_write_text(out.with_suffix(".provenance.json"), json.dumps(prov, indent=2, default=str))
     log.info("stage %s: %d rows in %.1fs -> %s", name, len(rows), prov["seconds"], out)
     return out

@@ -17,13 +17,12 @@ import json
 import logging
 import os
 import shutil
-from collections import defaultdict
 from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from alignkit.config import ConfigError, RunConfig, dump_config
+from alignkit.config import ConfigError, RunConfig, common_checks, dump_config, preference_checks  # noqa: F401 (re-exported)
 from alignkit.data.io import atomic_write_text
 from alignkit.losses import mask_dpo_loss
 
@@ -178,6 +177,32 @@ def finish_run(trainer: Trainer, tokenizer, run_dir: Path, extra: dict | None = 
 # ---------------------------------------------------------------- preference trainer
 
 
+def pair_stats(lp, w, comp, cr, rr) -> dict[str, torch.Tensor]:
+    """Per-pair metric vectors ``[B]`` from the ``[2B, T]`` token tensors and per-pair rewards."""
+    b = lp.size(0) // 2
+    kept = (w * comp).sum(-1) / comp.sum(-1).clamp(min=1)
+    return {
+        "rewards/chosen": cr, "rewards/rejected": rr,
+        "rewards/accuracies": (cr > rr).float(), "rewards/margins": cr - rr,
+        "logps/chosen": (lp[:b] * comp[:b]).sum(-1), "logps/rejected": (lp[b:] * comp[b:]).sum(-1),
+        "mask/chosen_masked_frac": 1 - kept[:b], "mask/rejected_masked_frac": 1 - kept[b:],
+    }
+
+
+def accumulate_pair_stats(acc: dict[str, tuple[float, int]], stats: dict[str, torch.Tensor], gather) -> None:
+    """Add per-pair vectors to running ``(sum, count)`` totals, gathered over ranks first.
+
+    Gathering the per-pair vectors (not per-rank means) lets ``gather_for_metrics`` drop
+    exactly the samples the sampler duplicated to even out the last batch, and weights
+    every pair once however batches, ranks and accumulation steps split them — so a
+    logged value is the mean over all pairs of the logging window.
+    """
+    for k, v in stats.items():
+        g = gather(v.detach().float().reshape(-1))
+        total, count = acc.get(k, (0.0, 0))
+        acc[k] = (total + g.sum().item(), count + g.numel())
+
+
 class PreferenceTrainer(Trainer):
     """DPO-family trainer over ``transformers.Trainer`` public hooks.
 
@@ -205,7 +230,8 @@ class PreferenceTrainer(Trainer):
                 self.ref_model = prepare_deepspeed(ref_model, self.accelerator)
             else:
                 self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
-        self._stats: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        # mode -> metric -> (sum over pairs, number of pairs) since the last log.
+        self._stats: dict[str, dict[str, tuple[float, int]]] = {"train": {}, "eval": {}}
 
     # Per-token log-probs aligned with input tokens: lp[:, t] = log p(x_t | x_<t), lp[:, 0] = 0.
     def _token_logps(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -248,16 +274,18 @@ class PreferenceTrainer(Trainer):
                                            label_smoothing=self.label_smoothing, loss_type=self.loss_type)
         loss = losses.mean()
         with torch.no_grad():
-            kept = (w * comp).sum(-1) / comp.sum(-1).clamp(min=1)
-            stats = {
-                "rewards/chosen": cr.mean(), "rewards/rejected": rr.mean(),
-                "rewards/accuracies": (cr > rr).float().mean(), "rewards/margins": (cr - rr).mean(),
-                "logps/chosen": (lp[:b] * comp[:b]).sum(-1).mean(), "logps/rejected": (lp[b:] * comp[b:]).sum(-1).mean(),
-                "mask/chosen_masked_frac": 1 - kept[:b].mean(), "mask/rejected_masked_frac": 1 - kept[b:].mean(),
-            }
-            for k, v in stats.items():
-                self._stats[mode][k].append(self.accelerator.gather_for_metrics(v.detach().reshape(1)).mean().item())
+            accumulate_pair_stats(self._stats[mode], pair_stats(lp, w, comp, cr, rr), self._gather_pairs)
         return (loss, {"losses": losses}) if return_outputs else loss
+
+    def _gather_pairs(self, v: torch.Tensor) -> torch.Tensor:
+        # Trainer fetches a whole accumulation window before computing it, so accelerate's
+        # end-of-dataloader flag is already set on the window's earlier micro-batches and
+        # gather_for_metrics would cut real pairs from them. Only the window's last
+        # micro-batch (sync step) can be the epoch's last batch, the one holding padding
+        # duplicates to trim.
+        if self.model.training and not self.accelerator.gradient_state.sync_gradients:
+            return self.accelerator.gather(v)
+        return self.accelerator.gather_for_metrics(v)
 
     def _loss_from_sums(self, lp, w, b, ref_chosen, ref_rejected):
         from alignkit.losses import dpo_loss
@@ -278,9 +306,9 @@ class PreferenceTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
         prefix = "eval_" if mode == "eval" else ""
-        for k, vals in self._stats[mode].items():
-            if vals:
-                logs[prefix + k] = sum(vals) / len(vals)
+        for k, (total, count) in self._stats[mode].items():
+            if count:
+                logs[prefix + k] = total / count
         self._stats[mode].clear()
         super().log(logs, start_time)
 
@@ -321,36 +349,27 @@ class PreferenceTrainer(Trainer):
 # ---------------------------------------------------------------- shared recipe flows
 
 
-def common_checks(cfg: RunConfig) -> list[str]:
-    """Cross-field checks every training recipe shares."""
-    problems = []
-    if cfg.data.train is None:
-        problems.append("field 'data.train': required for training (data.train.path: FILE)")
-    return problems
-
-
-def preference_checks(cfg: RunConfig, method) -> list[str]:
-    problems = common_checks(cfg)
-    if method.loss_type != "sigmoid" and method.label_smoothing > 0:
-        problems.append("field 'method.label_smoothing': only defined for loss_type 'sigmoid' (cDPO)")
-    sharded = (cfg.train.model_extra or {}).get("deepspeed") or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true" \
-        or os.environ.get("ACCELERATE_USE_FSDP") == "true"
-    if method.precompute_ref_logps and sharded:
-        problems.append("field 'method.precompute_ref_logps': not supported with DeepSpeed/FSDP (the policy is "
-                        "sharded before a reference pass could run); keep a reference copy or use LoRA")
-    return problems
-
-
-def load_train_rows(cfg: RunConfig, kind: str) -> tuple[list[dict], list[dict] | None]:
-    """Validate train/eval rows — the first thing a run does, before any model loads."""
+def load_train_rows(cfg: RunConfig, kind: str, on_span_error: str = "raise") -> tuple[list[dict], list[dict] | None]:
+    """Validate train/eval rows — the first thing a run does, before any model loads.
+    ``on_span_error="ignore"``: sentence annotations are not read (recipes that never use them)."""
     from alignkit.data import load_rows
     from alignkit.paths import expand_config
 
     expand_config(cfg)
     d = cfg.data
-    train = load_rows(d.train, kind, d.max_errors, d.system_prompt)
-    evals = load_rows(d.eval, kind, d.max_errors, d.system_prompt) if d.eval else None
+    train = load_rows(d.train, kind, d.max_errors, d.system_prompt, on_span_error)
+    evals = load_rows(d.eval, kind, d.max_errors, d.system_prompt, on_span_error) if d.eval else None
     return train, evals
+
+
+def apply_disable_dropout(cfg: RunConfig, model, default: bool) -> None:
+    """``model.disable_dropout`` (unset: the recipe's ``default``) -> every dropout to 0."""
+    on = cfg.model.disable_dropout
+    if on if on is not None else default:
+        from alignkit.models import disable_dropout
+
+        n = disable_dropout(model)
+        log.info("disable_dropout: %d dropout settings set to 0", n)
 
 
 def run_eval_after_training(cfg: RunConfig, run_dir: Path, trainer: Trainer, tokenizer) -> dict | None:
@@ -366,9 +385,20 @@ def run_eval_after_training(cfg: RunConfig, run_dir: Path, trainer: Trainer, tok
     from alignkit.models import load_for_inference
 
     if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
+        # A plain single-process load: while TrainingArguments holds a ZeRO-3 config,
+        # from_pretrained would partition the weights through deepspeed.zero.Init and
+        # broadcast to ranks that have already left (gloo: "Connection closed by peer").
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
         model, tokenizer = load_for_inference(str(run_dir / "model"), cfg.model.dtype)
     else:
         model = trainer.accelerator.unwrap_model(trainer.model)
+        if cfg.model.quantization is not None:
+            from alignkit.models import configure_cpu_4bit
+
+            # Training is over (the final model is saved): the fast packed 4-bit CPU kernel may be used now.
+            configure_cpu_4bit(model, allow_packed=cfg.model.quantization.cpu_packed_inference)
     model.eval()
     judge = build_eval_judge(cfg.eval.judge, cfg.model.name_or_path)
     return evaluate_model(model, tokenizer, cfg.eval, judge, run_dir, seed=cfg.seed)
@@ -397,6 +427,8 @@ def train_preference(cfg: RunConfig, method, rows: list[dict], eval_rows: list[d
         atomic_write_text(run_dir / "data_report.json", json.dumps(report.as_dict(), indent=2))
     set_seed(cfg.seed)
     model = load_model(cfg.model)
+    # Before the reference copy is taken, so policy and reference forwards are the same function at step 1.
+    apply_disable_dropout(cfg, model, default=True)
     ref = None if method.precompute_ref_logps else load_reference(cfg.model, model)
     collator = (PaddingFreePreferenceCollator(tok.pad_token_id) if d.padding_free
                 else PreferenceCollator(tok.pad_token_id))

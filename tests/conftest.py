@@ -27,7 +27,8 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_random_tiny_model(path: Path, seed: int = 0) -> Path:
+def build_random_tiny_model(path: Path, seed: int = 0, hidden: int = 32, intermediate: int = 64,
+                            kv_heads: int = 2) -> Path:
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -50,8 +51,8 @@ def build_random_tiny_model(path: Path, seed: int = 0) -> Path:
         tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|end|>", chat_template=CHAT_TEMPLATE
     )
     cfg = LlamaConfig(
-        vocab_size=len(hf_tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        vocab_size=len(hf_tok), hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=512,
         pad_token_id=hf_tok.pad_token_id, eos_token_id=hf_tok.eos_token_id, bos_token_id=None,
         tie_word_embeddings=False,
     )
@@ -65,6 +66,29 @@ def build_random_tiny_model(path: Path, seed: int = 0) -> Path:
 @pytest.fixture(scope="session")
 def tiny_random_model_dir(tmp_path_factory) -> Path:
     return build_random_tiny_model(tmp_path_factory.mktemp("tiny_random") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_qlora_model_dir(tmp_path_factory) -> Path:
+    """Layer widths real models have (multiples of the 64-element 4-bit block, 32-row groups), so
+    bitsandbytes' packed AVX512-BF16 CPU kernel can take every 4-bit layer where the CPU has it."""
+    return build_random_tiny_model(tmp_path_factory.mktemp("tiny_qlora") / "model", hidden=128,
+                                   intermediate=256, kv_heads=4)
+
+
+def bnb_cpu_4bit_path() -> str:
+    """Which kernel bitsandbytes uses for 4-bit inference on this CPU."""
+    try:
+        from bitsandbytes.functional import has_avx512bf16
+    except Exception as e:  # noqa: BLE001 - reported, not fatal
+        return f"bitsandbytes unavailable ({type(e).__name__})"
+    return ("packed AVX512-BF16 kernel (this CPU has avx512_bf16)" if has_avx512bf16()
+            else "generic dequantise+matmul kernel (this CPU has no avx512_bf16)")
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if "bitsandbytes" in __import__("sys").modules:  # only when a 4-bit test ran
+        terminalreporter.write_line(f"bitsandbytes 4-bit CPU inference path exercised: {bnb_cpu_4bit_path()}")
 
 
 def write_toy_data(d: Path, n: int = 16) -> dict[str, Path]:

@@ -116,3 +116,35 @@ def test_overwrite_keeps_old_run_until_new_one_completes(tmp_path, tiny_random_m
     # A successful overwrite removes the set-aside copy.
     get_recipe("dpo").train(load_config({**cfg, "overwrite_output_dir": True}))
     assert (tmp_path / "run" / "RUN_COMPLETE").exists() and not aside.exists()
+
+
+HEAVY = ("torch", "transformers", "bitsandbytes", "deepspeed", "peft", "trl", "accelerate", "datasets")
+
+
+def _imports_of(args: list[str]) -> tuple[list[str], str, str]:
+    code = ("import sys\nfrom alignkit.cli import main\nrc = main(sys.argv[1:])\n"
+            f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r})))\nsys.exit(rc)")
+    r = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return yaml.safe_load(r.stdout.strip().splitlines()[-1]), r.stdout, r.stderr
+
+
+def test_validate_imports_no_ml_library_and_prints_no_third_party_noise():
+    """`alignkit validate` checks every shipped config without torch/transformers/bitsandbytes/DeepSpeed
+    (seconds of imports and their warnings); TrainingArguments names come from the source via ast."""
+    shipped = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "recipes").rglob("*.yaml"))
+    heavy, out, err = _imports_of(["validate", *shipped])
+    assert heavy == [], f"validate imported {heavy}"
+    assert out.count("ok: ") == len(shipped)
+    assert err == "", err
+
+
+def test_training_argument_names_from_source_match_the_import():
+    import dataclasses
+
+    from transformers import SchedulerType, TrainingArguments
+
+    from alignkit.hf_names import scheduler_names, training_argument_names
+
+    assert training_argument_names() == {f.name for f in dataclasses.fields(TrainingArguments)}
+    assert set(scheduler_names()) == {x.value for x in SchedulerType}

@@ -105,18 +105,20 @@ def test_fallback_unmasked_trains_the_whole_pair_unmasked(tiny_random_model_dir,
     raw["method"] = {"on_mask_mismatch": "fallback_unmasked"}
     captured = {}
 
+    import alignkit.training as training_mod
+
     mask_dpo_mod = get_recipe("mask_dpo")
-    orig = mask_dpo_mod.train_preference
+    orig = training_mod.train_preference  # the recipe imports it when train() runs
 
     def spy(cfg, method, rows, eval_rows, weight_fn, callbacks):
         captured["rows"] = rows
         return orig(cfg, method, rows, eval_rows, weight_fn, callbacks)
 
-    mask_dpo_mod.train_preference = spy
+    training_mod.train_preference = spy
     try:
         run = mask_dpo_mod.train(load_config(raw))
     finally:
-        mask_dpo_mod.train_preference = orig
+        training_mod.train_preference = orig
     rows = captured["rows"]
     assert [r["chosen_spans"] is None and r["rejected_spans"] is None for r in rows] == [False] * 3 + [True]
     rep = json.loads((run / "mask_report.json").read_text())
@@ -135,3 +137,134 @@ def test_template_problem_is_a_row_error(tiny_random_model_dir):
                          "f.jsonl")
     with pytest.raises(DataError, match=r"f.jsonl, row 2.*altered the assistant content"):
         tokenize_rows("sft", rows, tok, "f.jsonl")
+
+
+# ---------------------------------------------------------------- issue #7 §2
+
+
+def _scored(text, score, truncated=False):
+    return {"text": text, "sentences": [text], "labels": ["correct"], "score": score, "truncated": truncated}
+
+
+def test_margin_gap_equal_to_margin_is_kept_and_ties_never_pair():
+    rows = [{"prompt": "p", "samples": [_scored("a", 1.0), _scored("b", 0.5)]}]
+    assert len(select_pairs(rows, PairsConfig(min_score_margin=0.5))[0]) == 1
+    thirds = [{"prompt": "p", "samples": [_scored("a", 2 / 3), _scored("b", 1 / 3)]}]
+    assert len(select_pairs(thirds, PairsConfig(min_score_margin=1 / 3))[0]) == 1  # no rounding-ulp rejection
+    ties = [{"prompt": "p", "samples": [_scored("a", 0.5), _scored("b", 0.5)]}]
+    for sel in ("max_min", "random"):
+        assert select_pairs(ties, PairsConfig(pair_selector=sel))[0] == []
+
+
+def test_random_selector_draws_random_eligible_pairs_without_reuse():
+    scores = [1.0, 0.75, 0.5, 0.25, 0.0]
+    rows = [{"prompt": f"p{i}", "samples": [_scored(f"s{i}-{k}", s) for k, s in enumerate(scores)]} for i in range(200)]
+    p = PairsConfig(pair_selector="random", min_score_margin=0.25, pairs_per_prompt=2)
+    pairs, why = select_pairs(rows, p, seed=3)
+    seen = {(q["chosen_score"], q["rejected_score"]) for q in pairs}
+    assert all(c - r >= 0.25 for c, r in seen)
+    # Every eligible (chosen, rejected) score combination turns up, not only max vs min.
+    assert seen == {(a, b) for a in scores for b in scores if a - b >= 0.25}
+    for i in range(200):
+        mine = [q for q in pairs if q["prompt"] == f"p{i}"]
+        texts = [t for q in mine for t in (q["chosen"], q["rejected"])]
+        assert len(texts) == len(set(texts))  # no sample used twice within a prompt
+    assert why["pairs"] == len(pairs) and select_pairs(rows, p, seed=3)[0] == pairs  # seeded
+    assert select_pairs(rows, PairsConfig(min_score_margin=0.25))[0][0]["chosen_score"] == 1.0  # max_min unchanged
+
+
+@pytest.mark.parametrize("policy", ["drop", "no_end_of_turn"])
+def test_truncated_samples_are_counted_and_dropped_or_marked(policy):
+    rows = [{"prompt": "p", "samples": [_scored("best but cut off", 1.0, truncated=True), _scored("good.", 0.8),
+                                        _scored("bad.", 0.0)]}]
+    pairs, why = select_pairs(rows, PairsConfig(truncated_responses=policy))
+    assert why["truncated_samples"] == 1
+    if policy == "drop":
+        assert why["truncated_samples_dropped"] == 1 and pairs[0]["chosen"] == "good."
+        assert "chosen_truncated" not in pairs[0]
+    else:
+        assert pairs[0]["chosen"] == "best but cut off" and pairs[0]["chosen_truncated"] is True
+        assert "rejected_truncated" not in pairs[0]
+
+
+def _capture_keys(monkeypatch):
+    import alignkit.pairs as pairs_mod
+
+    keys = []
+    monkeypatch.setattr(pairs_mod, "run_stage", lambda name, key, fn, d=None: keys.append(key) or fn)
+    return keys
+
+
+def test_stage_keys_cover_every_input(monkeypatch, tmp_path, tiny_random_model_dir):
+    from alignkit.config import load_config
+    from alignkit.pairs import stage_label, stage_sample
+    from conftest import toy_config
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"question": "Q1"}\n')
+    keys = _capture_keys(monkeypatch)
+
+    def sample_key(**over):
+        raw = toy_config("mask_dpo", tiny_random_model_dir, prompts, tmp_path / "r")
+        for dotted, v in over.items():
+            sec, field = dotted.split("__")
+            raw.setdefault(sec, {})[field] = v
+        cfg = load_config(raw)
+        stage_sample(cfg, cfg.method_config(), str(prompts))
+        return keys[-1]
+
+    base = sample_key()
+    for change in ({"model__dtype": "bfloat16"}, {"method__gen_batch_size": 4}, {"data__system_prompt": "Be brief."},
+                   {"model__revision": "abc"}):
+        assert sample_key(**change) != base, change
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text('{"prompt": "a", "samples": ["x"]}\n')
+    cfg = load_config(toy_config("mask_dpo", tiny_random_model_dir, prompts, tmp_path / "r"))
+    stage_label(cfg, cfg.method_config(), samples)
+    k1 = keys[-1]
+    samples.write_text('{"prompt": "a", "samples": ["y"]}\n')  # same name, new content
+    stage_label(cfg, cfg.method_config(), samples)
+    assert keys[-1]["samples"] != k1["samples"]
+    assert k1["judge_code"] and k1["splitter_code"]
+
+
+def test_prompts_mode_samples_the_trained_prompt(monkeypatch, tmp_path, tiny_random_model_dir):
+    """columns + system prompt applied before sampling; truncation recorded per sample."""
+    import json
+
+    import alignkit.evaluation as ev
+    from alignkit.config import load_config
+    from alignkit.judges.base import Judge
+    from alignkit.pairs import build_pairs, resolve_train_pairs
+    from alignkit.stages import read_jsonl
+    from conftest import toy_config
+
+    class AlternatingJudge(Judge):  # deterministic stand-in: every other response is all correct
+        def label_sentences(self, reqs):
+            self.prompts = [r.prompt for r in reqs]
+            return [["correct" if i % 2 == 0 else "hallucination"] * len(r.sentences) for i, r in enumerate(reqs)]
+
+    judge = AlternatingJudge()
+    monkeypatch.setattr(ev, "build_eval_judge", lambda spec, name: judge)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"q": f"Tell me about person {i}."}) + "\n" for i in range(4)))
+    raw = toy_config("mask_dpo", tiny_random_model_dir, prompts, tmp_path / "r")
+    raw["data"]["train"]["columns"] = {"prompt": "q"}
+    raw["data"]["system_prompt"] = "Be brief."
+    raw["method"] = {"input": "prompts", "gen_num_samples": 4, "gen_max_new_tokens": 8, "stage_dir": str(tmp_path / "st"),
+                     "truncated_responses": "no_end_of_turn", "pair_selector": "random"}
+    cfg = load_config(raw)
+    p = cfg.method_config()
+    build_pairs(cfg, p)
+    (sample_file,) = (tmp_path / "st").glob("pairs_sample-*.jsonl")
+    rows = read_jsonl(sample_file)
+    assert rows[0]["prompt"] == [{"role": "system", "content": "Be brief."},
+                                 {"role": "user", "content": "Tell me about person 0."}]
+    assert all(len(r["truncated"]) == 4 and all(isinstance(t, bool) for t in r["truncated"]) for r in rows)
+    assert judge.prompts[0] == "Tell me about person 0."
+    (prov,) = (tmp_path / "st").glob("pairs_select-*.provenance.json")
+    report = json.loads(prov.read_text())["report"]["pair_selection"]
+    assert report["pairs"] >= 1 and report.get("truncated_samples", 0) == sum(sum(r["truncated"]) for r in rows)
+    # Training then reads the pairs file with canonical columns.
+    resolve_train_pairs(cfg, p)
+    assert cfg.data.train.columns == {} and cfg.data.train.path.endswith(".jsonl")

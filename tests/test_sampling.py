@@ -124,3 +124,49 @@ def test_bad_arguments(lm):
         generate(model, tok, ["x"], temperature=0.0)
     with pytest.raises(ValueError, match="n must be"):
         generate(model, tok, ["x"], n=0)
+
+
+def test_hub_id_fingerprint_without_network(tmp_path, monkeypatch, tiny_random_model_dir):
+    from huggingface_hub import constants
+
+    from alignkit.sampling import source_fingerprint
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.chdir(tmp_path)
+    a = source_fingerprint("meta-llama/Llama-3.1-8B-Instruct")
+    assert a == source_fingerprint("meta-llama/Llama-3.1-8B-Instruct") == "hub:meta-llama/Llama-3.1-8B-Instruct@main"
+    assert source_fingerprint("meta-llama/Llama-3.1-8B-Instruct", "abc123").endswith("@abc123")
+    # A downloaded snapshot does not change the key: before and after the first download, and on
+    # every rank (rank 0 downloads under main_process_first; the others must hit its stage cache).
+    repo = tmp_path / "hub" / "models--org--m"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("c0ffee")
+    (repo / "snapshots" / "c0ffee").mkdir(parents=True)
+    assert source_fingerprint("org/m") == "hub:org/m@main"
+    # Names that are meant as local paths stay errors, not hub ids.
+    (tmp_path / "runs").mkdir()
+    for bad in ("/no/such/model", "./model", "runs/model", "a/b/c", "~/models/x", "has space/m"):
+        with pytest.raises(FileNotFoundError):
+            source_fingerprint(bad)
+    assert source_fingerprint(str(tiny_random_model_dir)) == model_fingerprint(tiny_random_model_dir)
+
+
+def test_generate_reports_truncated_samples(lm, tmp_path):
+    model, tok = lm
+    kw = dict(n=3, max_new_tokens=4, batch_size=2, progress=False, seed=0)
+    texts, cut = generate(model, tok, PROMPTS, return_truncated=True, **kw)
+    assert texts == generate(model, tok, PROMPTS, **kw)
+    assert [len(c) for c in cut] == [3, 3, 3] and all(isinstance(x, bool) for c in cut for x in c)
+    # A random tiny model rarely emits its end token within 4 tokens.
+    assert any(x for c in cut for x in c)
+    # With an eos that is certain (every token is an end token), nothing is truncated.
+    eos_all = list(range(len(tok)))
+    model.generation_config.eos_token_id, old = eos_all, model.generation_config.eos_token_id
+    try:
+        _, cut = generate(model, tok, PROMPTS, return_truncated=True, **kw)
+    finally:
+        model.generation_config.eos_token_id = old
+    assert not any(x for c in cut for x in c)
+    # Cached entries carry the flags too.
+    a = generate(model, tok, PROMPTS, return_truncated=True, cache_dir=tmp_path, fingerprint="f", **kw)
+    assert generate(model, tok, PROMPTS, return_truncated=True, cache_dir=tmp_path, fingerprint="f", **kw) == a

@@ -6,12 +6,23 @@
 
 from __future__ import annotations
 
-from alignkit.data.collate import PaddingFreePreferenceCollator, PreferenceCollator, unpack
 from alignkit.data.errors import DataError, IssueCollector, RowIssue
 from alignkit.data.io import atomic_write_text, read_rows, write_jsonl_atomic
 from alignkit.data.schemas import KINDS, validate_rows
 from alignkit.data.sentences import get_splitter, register_splitter, split_sentences, split_spans
 from alignkit.data.tokenize import DataReport, encode, render, span_weights, tokenize_rows
+
+# The collators need torch; everything else here is plain Python, so `alignkit validate`
+# and `--help` import this package without paying for torch (PEP 562 lazy attributes).
+_LAZY = {"PaddingFreePreferenceCollator": "collate", "PreferenceCollator": "collate", "unpack": "collate"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"alignkit.data.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'alignkit.data' has no attribute {name!r}")
 
 
 def load_rows(source, kind: str, max_errors: int = 20, system_prompt: str | None = None,

@@ -1,14 +1,25 @@
 """Row schemas per data kind, normalised to one internal shape.
 
-Accepted inputs (TRL's standard and conversational formats, and common column names):
+Accepted inputs (every format TRL documents for its SFT and DPO trainers, and common
+column names):
 
-* ``sft``: ``prompt``/``completion`` (strings or message lists), or ``messages`` whose
-  last turn is the assistant's. -> ``{"prompt": [msgs], "completion": str}``
+* ``sft``: language modeling ``text`` (the whole text is trained, no prompt, no chat
+  template; EOS appended as TRL does -> ``prompt == []``); conversational language
+  modeling ``messages`` whose last turn is the assistant's; prompt-completion
+  ``prompt``/``completion``, standard (strings) or conversational (message lists).
+  -> ``{"prompt": [msgs], "completion": str}``
 * ``preference``: ``prompt``/``chosen``/``rejected`` (explicit prompt), or ``chosen``/
-  ``rejected`` as whole conversations sharing a prefix (implicit prompt); optional
-  sentence annotations ``chosen_sentences``/``chosen_labels`` (or ANAH's
-  ``chosen_item: {"sents", "type"}``), or character ``chosen_spans`` with labels.
+  ``rejected`` sharing a prefix (implicit prompt): whole conversations (the shared
+  turns are the prompt) or plain strings (the shared text is the prompt, split as
+  :func:`split_implicit_prompt`, TRL's ``extract_prompt`` rule). A string ``prompt``
+  beside conversational ``chosen``/``rejected`` is ignored and the prompt extracted,
+  as TRL's ``maybe_extract_prompt`` does. Optional sentence annotations
+  ``chosen_sentences``/``chosen_labels`` (or ANAH's ``chosen_item: {"sents", "type"}``),
+  or character ``chosen_spans`` with labels; labels are matched case-insensitively
+  and an unknown label is a row error. ``chosen_truncated``/``rejected_truncated``
+  (bool, from :mod:`alignkit.pairs`): the response was cut at the token cap.
   -> ``{"prompt": [msgs], "chosen": str, "rejected": str, "chosen_spans": [(s, e, label)] | None, ...}``
+* ``prompt``: a ``prompt`` (string or message list) alone — what sampling stages read.
 * ``qa``: ``question`` + ``answers`` (list, first = canonical) or ``answer``.
 * ``safety``: ``prompt`` (+ optional ``response``) + ``label``.
 
@@ -21,7 +32,7 @@ from typing import Any
 
 from alignkit.data.errors import IssueCollector
 
-KINDS = ("sft", "preference", "qa", "safety")
+KINDS = ("sft", "preference", "qa", "safety", "prompt")
 ROLES = ("system", "user", "assistant", "tool")
 # Column names seen in public datasets, tried when the canonical column is absent.
 ALIASES = {
@@ -30,6 +41,8 @@ ALIASES = {
     "question": ("prompt", "query"),
 }
 # Sentence labels -> the three classes the judges use (mask_dpo.md §3: ANAH-v2 mapping).
+# String labels are looked up stripped and lower-cased (as metrics.py does), so
+# "Hallucination" is a hallucination, not an unknown label masked on neither side.
 LABEL_MAP = {
     "correct": "correct", "no_hallucination": "correct", "ok": "correct", 1: "correct",  # True == 1
     "hallucination": "hallucination", "contradictory": "hallucination", "unverifiable": "hallucination",
@@ -88,6 +101,42 @@ def _get(row: dict, name: str, columns: dict[str, str], required: bool = True) -
     return None
 
 
+def _norm_label(label: Any, field: str) -> str:
+    key = label.strip().lower() if isinstance(label, str) else label
+    try:
+        return LABEL_MAP[key]
+    except (KeyError, TypeError):  # TypeError: an unhashable label (a list, a dict)
+        known = sorted(k for k in LABEL_MAP if isinstance(k, str))
+        raise _RowError(field, f"unknown sentence label {label!r}; expected one of {known} "
+                               "(any case), 1/true or 0/false", True) from None
+
+
+def split_implicit_prompt(chosen: str, rejected: str) -> tuple[str, str, str] | None:
+    """``(prompt, chosen, rejected)`` from two strings that begin with the same prompt.
+
+    TRL's ``extract_prompt`` rule: cut at the first differing character; when the
+    character before the cut is a space, the space goes to the completions (so
+    "... It is blue." / "... It is green." gives prompt "... It is" and " blue." /
+    " green."). It does not back up further to a word boundary. When one string is a
+    prefix of the other, TRL cuts one character before the shorter one ends (so both
+    completions stay non-empty); that is kept. ``None`` when nothing is shared (TRL
+    would read the last character there — an indexing accident, not a rule).
+    """
+    n = min(len(chosen), len(rejected))
+    idx = next((i for i in range(n) if chosen[i] != rejected[i]), None)
+    if idx is None:
+        idx = n - 1
+    elif idx > 0 and chosen[idx - 1] == " ":
+        idx -= 1
+    if idx <= 0 or not chosen[:idx].strip():
+        return None
+    return chosen[:idx], chosen[idx:], rejected[idx:]
+
+
+def _is_conversation(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(m, dict) for m in value)
+
+
 def _labelled_spans(row: dict, side: str, text: str, columns: dict[str, str]) -> list[tuple[int, int, str]] | None:
     """Character spans of annotated sentences in ``text``, located exactly, with labels."""
     sents = _get(row, f"{side}_sentences", columns, required=False)
@@ -100,7 +149,7 @@ def _labelled_spans(row: dict, side: str, text: str, columns: dict[str, str]) ->
         return None
     if labels is None or not isinstance(labels, list):
         raise _RowError(f"{side}_labels", "missing or not a list (required with sentences/spans)")
-    norm = [LABEL_MAP.get(lab, "other") for lab in labels]
+    norm = [_norm_label(lab, f"{side}_labels[{j}]") for j, lab in enumerate(labels)]
     out: list[tuple[int, int, str]] = []
     if spans is not None:
         if not isinstance(spans, list) or len(spans) != len(labels):
@@ -142,32 +191,70 @@ def _normalise_row(kind: str, row: dict, columns: dict[str, str], system_prompt:
             if msgs[-1]["role"] != "assistant" or len(msgs) < 2:
                 raise _RowError("messages", "the last message must be the assistant's, after at least one other")
             out["prompt"], out["completion"] = msgs[:-1], _assistant_text(msgs[-1]["content"], "messages[-1].content")
+        elif kind == "sft" and _get(row, "prompt", columns, required=False) is None \
+                and _get(row, "text", columns, required=False) is not None:
+            # TRL's language-modeling format: no prompt, the whole text is trained.
+            text = _get(row, "text", columns)
+            if not isinstance(text, str) or not text.strip():
+                raise _RowError(columns.get("text", "text"), "expected a non-empty string")
+            out["prompt"], out["completion"] = [], text
         elif kind == "sft":
             out["prompt"] = _messages(_get(row, "prompt", columns), columns.get("prompt", "prompt"))
             out["completion"] = _assistant_text(_get(row, "completion", columns), columns.get("completion", "completion"))
         else:
             chosen, rejected = _get(row, "chosen", columns), _get(row, "rejected", columns)
             prompt = _get(row, "prompt", columns, required=False)
-            if prompt is None:  # implicit prompt: shared conversation prefix
-                if not (isinstance(chosen, list) and isinstance(rejected, list)):
-                    raise _RowError("prompt", "missing field (and chosen/rejected are not conversations to extract it from)")
+            split = None
+            conv = _is_conversation(chosen) and _is_conversation(rejected)
+            # TRL's maybe_extract_prompt: a string prompt beside whole conversations is a
+            # redundant copy; the conversations' shared turns are the prompt.
+            if isinstance(prompt, str) and conv and not (len(chosen) == 1 and chosen[0].get("role") == "assistant"):
+                prompt = None
+            if prompt is None and conv:  # implicit prompt: shared conversation prefix
                 c, r = _messages(chosen, "chosen"), _messages(rejected, "rejected")
                 k = 0
                 while k < min(len(c), len(r)) - 1 and c[k] == r[k]:
                     k += 1
+                if k == 0:
+                    raise _RowError("prompt", "missing field, and chosen/rejected share no leading turn to "
+                                              "extract it from (implicit-prompt conversations)")
                 prompt, chosen, rejected = c[:k], c[k:], r[k:]
-            out["prompt"] = _messages(prompt, columns.get("prompt", "prompt"))
+            elif prompt is None:  # implicit prompt: shared text prefix (TRL's standard format)
+                if not (isinstance(chosen, str) and isinstance(rejected, str)):
+                    raise _RowError("prompt", "missing field (and chosen/rejected are neither two conversations "
+                                              "nor two strings to extract a shared prompt from)")
+                split = split_implicit_prompt(chosen, rejected)
+                if split is None:
+                    raise _RowError("prompt", "missing field, and chosen/rejected share no leading text to extract "
+                                              "an implicit prompt from")
+                prompt, chosen, rejected = split
+            # TRL tokenises standard (string) rows as raw text, without a chat template: the
+            # extracted prompt ends mid-sentence ("... It is"), so it is kept as raw text too.
+            raw = isinstance(prompt, str) and split is not None
+            out["prompt"] = prompt if raw else _messages(prompt, columns.get("prompt", "prompt"))
             out["chosen"] = _assistant_text(chosen, columns.get("chosen", "chosen"))
             out["rejected"] = _assistant_text(rejected, columns.get("rejected", "rejected"))
             if out["chosen"] == out["rejected"]:
                 raise _RowError("rejected", "chosen and rejected are identical (no preference signal)")
             for side in ("chosen", "rejected"):
+                flag = row.get(f"{side}_truncated")
+                if flag is not None:
+                    if not isinstance(flag, bool):
+                        raise _RowError(f"{side}_truncated", f"expected true/false, got {flag!r}")
+                    out[f"{side}_truncated"] = flag
+                if on_span_error == "ignore":  # recipes that never read annotations (plain DPO)
+                    out[f"{side}_spans"] = None
+                    continue
                 try:
                     out[f"{side}_spans"] = _labelled_spans(row, side, out[side], columns)
                 except _RowError as e:
                     if on_span_error == "raise":
                         raise
                     out[f"{side}_spans"], out["_span_error"] = None, f"{e.field}: {e.reason}"
+        if system_prompt and isinstance(out["prompt"], list) and out["prompt"] and out["prompt"][0]["role"] != "system":
+            out["prompt"] = [{"role": "system", "content": system_prompt}, *out["prompt"]]
+    elif kind == "prompt":
+        out["prompt"] = _messages(_get(row, "prompt", columns), columns.get("prompt", "prompt"))
         if system_prompt and out["prompt"][0]["role"] != "system":
             out["prompt"] = [{"role": "system", "content": system_prompt}, *out["prompt"]]
     elif kind == "qa":
@@ -215,9 +302,11 @@ def validate_rows(
 ) -> list[dict]:
     """Normalise rows of ``kind``; raise one :class:`DataError` listing every bad row.
 
-    ``on_span_error`` (sentence annotations that cannot be located): ``raise`` (a data
-    error), or ``keep`` — the row is kept with ``_span_error`` set and no spans, for the
-    caller to drop or fall back on *and count* (Mask-DPO's ``on_mask_mismatch``).
+    ``on_span_error`` (sentence annotations that cannot be located or carry unknown
+    labels): ``raise`` (a data error), ``keep`` — the row is kept with ``_span_error``
+    set and no spans, for the caller to drop or fall back on *and count* (Mask-DPO's
+    ``on_mask_mismatch``) — or ``ignore``: annotations are not read at all (plain DPO,
+    which never uses them, must not fail on them).
     """
     columns = columns or {}
     issues = issues or IssueCollector(file, max_errors)

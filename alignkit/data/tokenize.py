@@ -41,32 +41,57 @@ def _starts_with_bos(tokenizer) -> bool:
     return bool(ids) and ids[0] == bos
 
 
-def render(tokenizer, prompt: list[dict], completion: str) -> tuple[str, str, int]:
+# Stands in for the assistant content to find where a template puts it; no whitespace
+# or markup, so trimming / escaping filters leave it intact.
+_SENTINEL = "ALIGNKITCONTENTSENTINEL7F3A"
+
+
+def render(tokenizer, prompt: list[dict], completion: str, end_turn: bool = True) -> tuple[str, str, int]:
     """Return ``(prompt_text, completion_segment, content_offset)``.
 
-    ``content_offset`` is where the assistant's content starts inside the segment.
-    Raises ValueError when the template is not prefix-preserving.
+    ``content_offset`` is where the assistant's content starts inside the segment. It is
+    located by rendering the turn once more with a sentinel as its content: whatever the
+    template puts before the sentinel (an empty ``<think></think>``, a header) is the
+    offset, and the real segment must start with that text followed by the content. A
+    plain ``find`` would stop at the first copy of the content, which template text
+    before it can contain, and shift every Mask-DPO span.
+
+    ``prompt == []`` is TRL's language-modeling format: no template, the text itself
+    plus EOS. A string ``prompt`` (a standard-format row whose prompt was extracted
+    from chosen/rejected) is raw text too, as TRL tokenises it. ``end_turn=False`` (a response cut at the sampling token cap) ends the
+    segment with the content: the model must not learn to stop mid-sentence.
+    Raises ValueError when the template is not prefix-preserving or alters the content.
     """
-    if getattr(tokenizer, "chat_template", None):
+    if not prompt or isinstance(prompt, str):  # raw text: TRL's standard implicit-prompt rows, or LM text
+        prompt_text, segment, offset = prompt or "", completion + (tokenizer.eos_token or ""), 0
+    elif getattr(tokenizer, "chat_template", None):
         prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(
-            [*prompt, {"role": "assistant", "content": completion}], tokenize=False
-        )
-        if not full.startswith(prompt_text):
-            raise ValueError(
-                "the chat template renders the prompt differently alone and before an answer, so the prompt "
-                "cannot be an exact prefix; use a prefix-preserving template (e.g. one without date/system injection)"
-            )
-        segment = full[len(prompt_text):]
+
+        def turn(content: str) -> str:
+            full = tokenizer.apply_chat_template([*prompt, {"role": "assistant", "content": content}], tokenize=False)
+            if not full.startswith(prompt_text):
+                raise ValueError(
+                    "the chat template renders the prompt differently alone and before an answer, so the prompt "
+                    "cannot be an exact prefix; use a prefix-preserving template (e.g. one without date/system "
+                    "injection)"
+                )
+            return full[len(prompt_text):]
+
+        segment = turn(completion)
+        probe = turn(_SENTINEL)
+        pos = probe.find(_SENTINEL)
+        offset = pos if pos >= 0 and segment.startswith(probe[:pos]) else -1
+        if offset < 0 or not segment.startswith(completion, offset):
+            raise ValueError("the chat template altered the assistant content (e.g. stripped whitespace)")
     else:  # base model without a template: plain text, EOS ends the answer
         prompt_text = "\n\n".join(m["content"] for m in prompt) + "\n"
-        segment = completion + (tokenizer.eos_token or "")
-    offset = segment.find(completion)
-    if offset < 0:
-        raise ValueError("the chat template altered the assistant content (e.g. stripped whitespace)")
+        segment, offset = completion + (tokenizer.eos_token or ""), 0
+    end = offset + len(completion)
+    if not end_turn:
+        return prompt_text, segment[:end], offset
     eos = tokenizer.eos_token
     if eos:
-        cut = segment.find(eos, offset + len(completion))
+        cut = segment.find(eos, end)
         if cut >= 0:
             segment = segment[: cut + len(eos)]
     return prompt_text, segment, offset
@@ -152,7 +177,8 @@ def tokenize_rows(
         rendered = {}
         try:
             for side in sides:
-                prompt_text, segment, offset = render(tokenizer, row["prompt"], row[side])
+                prompt_text, segment, offset = render(tokenizer, row["prompt"], row[side],
+                                                      end_turn=not row.get(f"{side}_truncated", False))
                 p_ids, c_ids, offs = encode(tokenizer, prompt_text, segment)
                 rendered[side] = (p_ids, c_ids, offs, segment, offset)
         except ValueError as e:  # template problems are per-row data errors, reported together

@@ -12,9 +12,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from alignkit.config import RunConfig
+from alignkit.config import RunConfig, preference_checks
 from alignkit.pairs import PairsConfig, resolve_train_pairs
-from alignkit.training import load_train_rows, preference_checks, train_preference
 
 NAME = "dpo"
 DATA_KIND = "preference"
@@ -33,9 +32,11 @@ def check_config(cfg: RunConfig, method: Method) -> list[str]:
 
 def train(cfg: RunConfig, callbacks=()) -> Path:
     from alignkit.paths import expand_config
+    from alignkit.training import load_train_rows, train_preference
 
     method = Method.model_validate(cfg.method)
     expand_config(cfg)
     resolve_train_pairs(cfg, method)
-    rows, eval_rows = load_train_rows(cfg, DATA_KIND)
+    # Plain DPO never reads sentence annotations, so broken ones must not stop it.
+    rows, eval_rows = load_train_rows(cfg, DATA_KIND, on_span_error="ignore")
     return train_preference(cfg, method, rows, eval_rows, None, callbacks)

@@ -23,31 +23,42 @@ from typing import Literal
 
 from pydantic import Field
 
-from alignkit.config import RunConfig
+from alignkit.config import RunConfig, preference_checks
 from alignkit.pairs import PairsConfig, resolve_train_pairs
-from alignkit.training import atomic_write_text, is_main_process, preference_checks, train_preference
 
 log = logging.getLogger(__name__)
 NAME = "mask_dpo"
 DATA_KIND = "preference"
 
 
-def _expected(rows: dict) -> bool:
-    score = "bio_test:score"
-    return rows["Mask-DPO"][score] > rows["DPO"][score] > rows["base"][score]
-
-
 # The paper's claim at toy scale: ANAH test 49.19 (base) -> 68.44 (DPO) -> 77.53 (Mask-DPO).
+# Each step of the ordering is judged by a paired bootstrap over the same held-out people.
 DEMO = {
-    "title": "Mask-DPO: factuality of biographies of held-out people (bio_test)",
+    "title": "Mask-DPO: factuality of biographies of held-out people (bio_test, bio_val)",
     "note": "Factuality score = correct / (correct + hallucinated) sentences, judged by the world's knowledge "
-            "base (ANAH-v2 score; nofact excluded). DPO and Mask-DPO train on the same self-sampled pairs.",
-    "evals": ["bio_test"],
-    "metrics": {"bio_test:score": "factuality", "bio_test:n_correct": "#correct",
-                "bio_test:n_hallucination": "#hallucinated", "bio_test:sentences_per_response": "sentences/response"},
+            "base (ANAH-v2 score; nofact excluded). DPO and Mask-DPO train on the same self-sampled pairs "
+            "(bio_train people). 4 biographies per person at temperature 0.8; the bootstrap resamples people.",
+    "evals": ["bio_test", "bio_val"],
+    "metrics": {"bio_test:score": "factuality", "bio_test:correct_per_response": "#correct/response",
+                "bio_test:hallucination_per_response": "#hallucinated/response",
+                "bio_test:sentences_per_response": "sentences/response",
+                "bio_val:score": "factuality (bio_val)"},
+    "columns": {
+        "bio_test:score": "correct / (correct + hallucinated) sentences in biographies of bio_test people — "
+                          "held out: never in pretraining bios, never in DPO pairs, never used for any choice.",
+        "bio_test:correct_per_response": "correct sentences per biography (bio_test): informativeness. A policy "
+                                         "that states fewer facts can raise factuality while this falls.",
+        "bio_test:hallucination_per_response": "hallucinated sentences per biography (bio_test).",
+        "bio_test:sentences_per_response": "all sentences per biography, nofact fillers included (bio_test).",
+        "bio_val:score": "factuality on bio_val people (held out like bio_test, disjoint from it): the split "
+                         "for choosing hyperparameters; shown so choices can be checked against it.",
+    },
     "rows": [("base", None), ("DPO", "dpo"), ("Mask-DPO", "mask_dpo")],
-    "expect": _expected,
-    "expect_text": "Mask-DPO > DPO > base",
+    "claims": [("Mask-DPO", "DPO", "bio_test:score"), ("DPO", "base", "bio_test:score")],
+    "expect_text": "Mask-DPO > DPO > base on bio_test factuality",
+    # not expectations: does Mask-DPO's factuality come with fewer correct statements?
+    "checks": [("Mask-DPO", "base", "bio_test:correct_per_response"),
+               ("Mask-DPO", "DPO", "bio_test:correct_per_response")],
 }
 
 
@@ -95,6 +106,7 @@ def weights_for(method: Method):
 def train(cfg: RunConfig, callbacks=()) -> Path:
     from alignkit.data import DataError, RowIssue, load_rows
     from alignkit.paths import expand_config
+    from alignkit.training import atomic_write_text, is_main_process, train_preference
 
     method = Method.model_validate(cfg.method)
     expand_config(cfg)

@@ -11,34 +11,35 @@ from pathlib import Path
 
 from pydantic import Field
 
-from alignkit.config import RunConfig, Strict
-from alignkit.training import (
-    RunLogCallback,
-    atomic_write_text,
-    checkpoint_step,
-    common_checks,
-    finish_run,
-    is_main_process,
-    load_train_rows,
-    prepare_run_dir,
-    run_eval_after_training,
-    training_arguments,
-)
+from alignkit.config import RunConfig, Strict, common_checks
 
 NAME = "sft"
 DATA_KIND = "sft"
 
 
 DEMO = {
-    "title": "SFT: QA accuracy — facts taught by fine-tuning vs held-out questions",
-    "note": "finetune-only: facts absent from pretraining that SFT teaches (asked in the training wording: "
-            "memorisation). known / unknown: held-out qa_test questions on facts the base model saw / never saw. "
-            "SFT on answers the model does not know also costs accuracy on what it knew — the dynamic CRaFT targets.",
+    "title": "SFT: QA accuracy — facts taught by fine-tuning (training questions) vs held-out questions",
+    "note": "Greedy short answers, judged against the gold answer and its aliases. Only the known / partial / "
+            "unknown columns are held out; finetune-only re-asks training questions.",
     "evals": ["qa_finetune", "qa_test"],
-    "metrics": {"qa_finetune:accuracy": "finetune-only", "qa_test:accuracy/known": "known (held-out)",
+    "metrics": {"qa_finetune:accuracy": "finetune-only (train)", "qa_test:accuracy/known": "known (held-out)",
                 "qa_test:accuracy/partial": "partial (held-out)", "qa_test:accuracy/unknown": "unknown (held-out)",
-                "qa_test:refusal_rate": "refusal"},
+                "qa_test:refusal_rate": "refusal (held-out)"},
+    "columns": {
+        "qa_finetune:accuracy": "NOT held out: the qa_train questions, in their training wording, about facts "
+                                "absent from pretraining that sft_train teaches — memorisation of trained answers.",
+        "qa_test:accuracy/known": "held-out qa_test questions (never in sft_train) on facts stated in pretraining "
+                                  "with every exposure; SFT on unknown answers can cost accuracy here.",
+        "qa_test:accuracy/partial": "held-out qa_test questions on facts pretraining stated less often.",
+        "qa_test:accuracy/unknown": "held-out qa_test questions on facts in neither pretraining nor SFT data: "
+                                    "correct only by chance.",
+        "qa_test:refusal_rate": "share of all qa_test answers that refuse / say they do not know.",
+    },
     "rows": [("base", None), ("SFT", "sft")],
+    "claims": [("SFT", "base", "qa_finetune:accuracy")],
+    "expect_text": "SFT > base on the facts it teaches",
+    # the cost CRaFT targets: does SFT lower held-out accuracy on what the model knew?
+    "checks": [("base", "SFT", "qa_test:accuracy/known")],
 }
 
 
@@ -57,6 +58,18 @@ def train(cfg: RunConfig, callbacks=()) -> Path:
 
     from alignkit.data import tokenize_rows
     from alignkit.models import load_model, load_tokenizer
+    from alignkit.training import (
+        RunLogCallback,
+        apply_disable_dropout,
+        atomic_write_text,
+        checkpoint_step,
+        finish_run,
+        is_main_process,
+        load_train_rows,
+        prepare_run_dir,
+        run_eval_after_training,
+        training_arguments,
+    )
 
     method = Method.model_validate(cfg.method)
     rows, eval_rows = load_train_rows(cfg, DATA_KIND)
@@ -73,6 +86,7 @@ def train(cfg: RunConfig, callbacks=()) -> Path:
         atomic_write_text(run_dir / "data_report.json", json.dumps(report.as_dict(), indent=2))
     set_seed(cfg.seed)
     model = load_model(cfg.model)
+    apply_disable_dropout(cfg, model, default=False)  # TRL's SFT keeps dropout; opt in with model.disable_dropout
     strip = lambda rs: [{"input_ids": r["input_ids"], "completion_mask": r["completion_mask"]} for r in rs]  # noqa: E731
     args = training_arguments(
         # Lengths are already enforced by data.length_policy; TRL must not truncate again.
