@@ -39,6 +39,8 @@ demo: setup
 
 bench: setup
 	$(BIN)/python benchmarks/bench_dpo.py
+	$(BIN)/python benchmarks/bench_craft.py
+	$(BIN)/python benchmarks/bench_ta_sft.py
 
 lint: setup
 	$(BIN)/ruff check alignkit tests benchmarks

@@ -7,7 +7,9 @@ Each recipe module may declare ``DEMO`` — a section of the table::
             "columns": {"bio_test:score": "what it measures"},   # one line per column
             "rows": [("base", None), ("DPO", "dpo"), ("Mask-DPO", "mask_dpo")],
             "claims": [("Mask-DPO", "DPO", "bio_test:score")],  # "A > B" on a metric
-            "expect_text": "Mask-DPO > DPO > base"}
+            "expect_text": "Mask-DPO > DPO > base",
+            # optional: line plots of metrics against a swept setting, one point per row
+            "sweeps": [{"title": ..., "xlabel": "λ", "points": [(0.5, "row label"), ...], "metrics": [...]}]}
 
 "base" rows evaluate the untrained world model; other rows train the named recipe with
 its shipped YAML (``recipes/<name>.yaml``) on the same world and evaluate the result
@@ -83,13 +85,17 @@ def section_stats(demo: dict, tasks: dict[str, str], record_dirs: dict[str, Path
         return cache[label, ev]
 
     ci: dict = {}
+    values: dict = {}
     for label in record_dirs:
         for metric in demo["metrics"]:
             ev, key = metric.split(":", 1)
+            if ev not in tasks:  # not an eval set (e.g. train:n_unsafe, a count): no CI
+                continue
             c = metric_ci(tasks[ev], records(label, ev), key)
             if c is not None:
                 ci.setdefault(label, {})[metric] = [c["lo"], c["hi"]]
-    out: dict = {"ci": ci}
+                values.setdefault(label, {})[metric] = c["value"]
+    out: dict = {"ci": ci, "values": values}
     for kind in ("claims", "checks"):
         out[kind] = []
         for a, b, metric in demo.get(kind, []):
@@ -142,19 +148,36 @@ def run_demo(seed: int = 0, recipes: list[str] | None = None, out: str = "runs/d
                 else:
                     from alignkit.recipes import get_recipe
 
-                    cfg = _recipe_config(recipe, s, out_dir / f"seed{s}" / recipe, demo.get("overrides", {}).get(recipe))
+                    # A row may run its recipe with its own overrides (e.g. a baseline variant of
+                    # one recipe, DEMO["row_overrides"][label]); it then gets its own run dir.
+                    row_extra = demo.get("row_overrides", {}).get(label)
+                    run_name = recipe if row_extra is None else f"{recipe}-{_slug(label)}"
+                    cfg = _recipe_config(recipe, s, out_dir / f"seed{s}" / run_name,
+                                         [*(demo.get("overrides", {}).get(recipe) or []), *(row_extra or [])])
                     run = get_recipe(recipe).train(cfg)
                     rows[label] = _flatten(json.loads((Path(run) / "metrics.json").read_text())["eval"])
+                    # counts a recipe reports about its training data (train_results.json "counts")
+                    counts = json.loads((Path(run) / "train_results.json").read_text()).get("counts") or {}
+                    rows[label].update({f"train:{k}": v for k, v in counts.items()})
                     dirs[label] = Path(run)
                 timings.append((f"seed {s}: {name} / {label}", time.time() - t0))
                 log.info("demo seed %d %s %s: %s", s, name, label, {k: rows[label].get(k) for k in demo["metrics"]})
             stats = section_stats(demo, _eval_tasks(name, s, out_dir / f"seed{s}" / name), dirs)
+            for label, vals in stats.pop("values", {}).items():  # e.g. THS of the base row (its own reference)
+                for metric, v in vals.items():
+                    rows[label].setdefault(metric, v)
             seed_res[name] = {"rows": rows, **stats}
         results["seeds"][s] = seed_res
     results["timings"] = timings
     results["total_seconds"] = time.time() - t_start
     write_report(results, out_dir, recipes)
     return results
+
+
+def _slug(label: str) -> str:
+    import re
+
+    return re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_")
 
 
 def _pct(key: str) -> bool:
@@ -219,6 +242,18 @@ def _claims_block(head: str, kind: str, demo: dict, name: str, results: dict, se
     return [*lines, ""]
 
 
+def _sweep_plot(path: Path, sw: dict, demo: dict, name: str, results: dict, seeds: list) -> Path:
+    """One panel per metric: value (and 95% CI) against the swept setting, one line per seed."""
+    from alignkit.report import line_plot
+
+    xs = [x for x, _ in sw["points"]]
+    panels = {demo["metrics"].get(m, m): {
+        f"seed {s}": ([results["seeds"][s][name]["rows"][lab].get(m) for _, lab in sw["points"]],
+                      [results["seeds"][s][name]["ci"].get(lab, {}).get(m) for _, lab in sw["points"]])
+        for s in seeds} for m in sw["metrics"]}
+    return line_plot(path, sw["title"], xs, panels, sw.get("xlabel", ""))
+
+
 def write_report(results: dict, out_dir: Path, recipes: list[str] | None) -> Path:
     from alignkit.training import atomic_write_text
 
@@ -276,6 +311,10 @@ def write_report(results: dict, out_dir: Path, recipes: list[str] | None) -> Pat
         png = bar_plot(out_dir / f"{name}.png", demo["title"], labels, series,
                        demo["metrics"][main_metric] + " (%, 95% CI)", errors=errs)
         lines += [f"![{name}]({png.name})", ""]
+        for i, sw in enumerate(demo.get("sweeps", [])):
+            png = _sweep_plot(out_dir / f"{name}_sweep{i}.png", sw, demo, name, results, seeds)
+            lines += [f"{sw['title']}: each seed's value and 95% CI (numbers in the table above).", "",
+                      f"![{name} sweep {i}]({png.name})", ""]
         for kind, head in (("claims", f"Expected ordering ({demo.get('expect_text', '')})"),
                            ("checks", "Other paired comparisons (no expectation; reported either way)")):
             if demo.get(kind):

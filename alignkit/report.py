@@ -57,3 +57,35 @@ def bar_plot(path: Path, title: str, labels: list[str], series: dict[str, list[f
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def line_plot(path: Path, title: str, xs: list, panels: dict[str, dict[str, tuple[list, list]]],
+              xlabel: str) -> Path:
+    """One panel per metric (``panels[metric][series] = (values, cis)``, rates in [0, 1]):
+    value against ``xs`` with 95% interval bars, one line per series (e.g. per seed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = max(len(panels), 1)
+    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.2), dpi=110, squeeze=False)
+    pos = list(range(len(xs)))  # evenly spaced: sweeps are usually geometric
+    for ax, (metric, series) in zip(axes[0], panels.items()):
+        for k, (name, (vals, cis)) in enumerate(series.items()):
+            shift = (k - (len(series) - 1) / 2) * 0.06
+            ys = [100 * v if _ok(v) else float("nan") for v in vals]
+            lo = [max(y - 100 * c[0], 0) if c and _ok(c[0]) and _ok(y) else 0 for y, c in zip(ys, cis)]
+            hi = [max(100 * c[1] - y, 0) if c and _ok(c[1]) and _ok(y) else 0 for y, c in zip(ys, cis)]
+            ax.errorbar([p + shift for p in pos], ys, yerr=[lo, hi], marker="o", ms=3, capsize=2, lw=1, label=name)
+        ax.set_xticks(pos, [str(x) for x in xs])
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.set_ylim(-3, 103)
+        ax.set_title(f"{metric} (%)", fontsize=9)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,11 +1,13 @@
 """Importable loss functions: pure torch, no Trainer imports.
 
     from alignkit.losses import mask_dpo_loss, dpo_loss, sequence_logps, semantic_emd
+    from alignkit.losses import unlikelihood_loss, gradient_ascent_loss
 """
 
 from alignkit.losses.dpo import LOSS_TYPES, dpo_loss, mask_dpo_loss
 from alignkit.losses.emd import EMD_REDUCTIONS, emd_lower_bound, normalized_embeddings, semantic_emd
 from alignkit.losses.logps import IGNORE_INDEX, sequence_logps, token_logps
+from alignkit.losses.unsafe import UNSAFE_REDUCTIONS, gradient_ascent_loss, unlikelihood_loss
 
 __all__ = [
     "EMD_REDUCTIONS",
@@ -18,4 +20,7 @@ __all__ = [
     "semantic_emd",
     "sequence_logps",
     "token_logps",
+    "UNSAFE_REDUCTIONS",
+    "gradient_ascent_loss",
+    "unlikelihood_loss",
 ]

@@ -17,6 +17,8 @@ RECIPES: dict[str, str] = {
     "sft": "alignkit.recipes.sft",
     "dpo": "alignkit.recipes.dpo",
     "mask_dpo": "alignkit.recipes.mask_dpo",
+    "craft": "alignkit.recipes.craft",
+    "ta_sft": "alignkit.recipes.ta_sft",
 }
 
 

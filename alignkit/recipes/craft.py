@@ -1,0 +1,606 @@
+"""CRaFT (Zhu et al., AAAI 2025, arXiv 2410.06913): refusal-aware instruction tuning with
+certainty filtering and knowledge flow (craft.md).
+
+Prepare stages (fingerprinted by all their inputs, atomic, skipped when unchanged;
+:mod:`alignkit.stages`), all before the distributed trainer exists — on rank 0 first,
+the other ranks then hit the cache (as :mod:`alignkit.pairs` does):
+
+1. ``craft_query``     — knowledge state of the initial model M0 on ``data.train`` (QA rows):
+   open-ended μ / σ from N samples (:func:`alignkit.knowledge.oe_knowledge_state`) or
+   multiple-choice μ / σ from letter probabilities (``method.task: mcqa``).
+2. ``craft_rehearse``  — rehearsal: a brief single-process fine-tune of M0 on items it
+   already knows (μ, σ above thresholds; target = its own most frequent correct answer),
+   then the same query again: Δμ = μ(M̃) − μ(M0). Only the flow variants need it.
+3. ``craft_select``    — Algorithm 1 (or a baseline's rule): every item gets a bucket
+   (vanilla / idk / dropped) and the reason; the counts go to ``craft_report.json``.
+4. ``craft_initial_eval`` — the initial model on the eval sets: the THS reference point.
+
+Then RAIT: SFT of the *initial* model on vanilla (gold answer) + idk ("I don't know.")
+rows, evaluated on the eval sets with P_c / P_w / P_r and THS relative to M0.
+
+Baselines are variants of this recipe (``method.variant``): ``van`` (N_van + N_idk random
+items, answers unchanged), ``cor_rait`` (correctness only, random within buckets),
+``corcer_rait`` (correctness + certainty ordering, no flow = "w/o Flow"),
+``craft_no_certainty`` (correctness + flow, random within buckets = "w/o Cer").
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from collections import Counter
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from alignkit.config import LoraConfig, RunConfig, Strict, common_checks
+
+log = logging.getLogger(__name__)
+NAME = "craft"
+DATA_KIND = "qa"
+VARIANTS = ("craft", "van", "cor_rait", "corcer_rait", "craft_no_certainty")
+_FLOW = ("craft", "craft_no_certainty")
+_CERTAINTY_ORDER = ("craft", "corcer_rait")
+
+_METRICS = {}
+for _ev, _tag in (("qa_test", "ID"), ("qa_ood", "OOD")):
+    _METRICS.update({f"{_ev}:p_correct": f"P_c {_tag}", f"{_ev}:p_wrong": f"P_w {_tag}",
+                     f"{_ev}:ths": f"THS {_tag}", f"{_ev}:refusal_rate/known": f"refusal on known {_tag}"})
+
+DEMO = {
+    "title": "CRaFT: truthful helpfulness on held-out questions (qa_test = ID, qa_ood = OOD wordings)",
+    "note": "Greedy short answers, each judged correct / wrong / refused by the world's knowledge base. THS = "
+            "P_c − P_w·P_c0/P_w0 relative to the initial model (its row is 0 by definition; CIs hold P_c0/P_w0 "
+            "fixed). All rows but the initial one fine-tune the initial model on data selected from qa_train "
+            "by the same knowledge-state query (N=10 samples at T=1, MiniLM certainty); hyperparameters were "
+            "chosen on qa_val.",
+    "evals": ["qa_test", "qa_ood"],
+    "metrics": _METRICS,
+    "columns": {
+        "qa_test:p_correct": "share of held-out qa_test questions (never trained on) answered correctly.",
+        "qa_test:p_wrong": "share of qa_test questions answered wrongly (neither correct nor a refusal).",
+        "qa_test:ths": "Truthful Helpfulness Score on qa_test, % (0 = the initial model; higher is better).",
+        "qa_test:refusal_rate/known": "refusals among qa_test questions whose fact the base model was "
+                                      "pretrained on: over-refusal of what the model knows.",
+        "qa_ood:p_correct": "P_c on qa_ood: held-out people and question wordings never seen in training.",
+        "qa_ood:p_wrong": "P_w on qa_ood.",
+        "qa_ood:ths": "THS on qa_ood, % relative to the initial model on the same questions.",
+        "qa_ood:refusal_rate/known": "refusals among qa_ood questions on pretrained facts.",
+    },
+    "rows": [("initial", None), ("Van-Tuning", "craft"), ("Cor-RAIT", "craft"), ("CorCer-RAIT", "craft"),
+             ("CRaFT", "craft")],
+    "row_overrides": {"Van-Tuning": ["method.variant=van"], "Cor-RAIT": ["method.variant=cor_rait"],
+                      "CorCer-RAIT": ["method.variant=corcer_rait"], "CRaFT": ["method.variant=craft"]},
+    "claims": [("CRaFT", "Cor-RAIT", "qa_test:ths"), ("CRaFT", "Cor-RAIT", "qa_ood:ths")],
+    "expect_text": "CRaFT > Cor-RAIT on THS, ID and OOD (the paper: by refusing less of what the model knows)",
+    # the mechanism the paper names: less over-refusal on known facts (Cor-RAIT > CRaFT in refusals)
+    "checks": [("Cor-RAIT", "CRaFT", "qa_test:refusal_rate/known"), ("CRaFT", "Cor-RAIT", "qa_test:p_correct"),
+               ("CRaFT", "CorCer-RAIT", "qa_test:ths"), ("Cor-RAIT", "initial", "qa_test:ths")],
+}
+
+
+class RehearsalConfig(Strict):
+    """The knowledge-flow rehearsal (craft.md §5.2–5.4)."""
+
+    mu_min: float = Field(0.995, ge=0, le=1, description="rehearse items with mu >= this (MCQA: mu > this)")
+    sigma_min: float = Field(0.995, description="OEQA only: and sigma >= this")
+    size: int = Field(1000, ge=1, description="at most this many rehearsal items, drawn at random")
+    seed: int = Field(0, description="subsampling seed (code: 0 TriviaQA, 42 MMLU)")
+    target: Literal["model_majority", "gold"] = Field(
+        "model_majority", description="OEQA target: the model's most frequent correct sample, or the gold answer")
+    learning_rate: float = Field(2e-6, gt=0)
+    num_train_epochs: float = Field(3.0, gt=0)
+    batch_size: int = Field(16, ge=1)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    lr_scheduler_type: Literal["cosine", "linear"] = "cosine"
+    lora: LoraConfig | None = Field(None, description="rehearse a LoRA adapter instead of all weights")
+
+
+class Method(Strict):
+    variant: Literal["craft", "van", "cor_rait", "corcer_rait", "craft_no_certainty"] = Field(
+        "craft", description="craft | van (Van-Tuning) | cor_rait | corcer_rait (w/o Flow) | craft_no_certainty")
+    task: Literal["oeqa", "mcqa"] = "oeqa"
+    prompt_template: str = Field("{question}", description="user turn for query, rehearsal and RAIT rows")
+    # knowledge-state query (§5.1)
+    num_samples: int = Field(10, ge=2)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(50, ge=1)
+    gen_batch_size: int = Field(32, ge=1)
+    correctness_match: Literal["alias_substring", "exact"] = "alias_substring"
+    refusal_keywords: list[str] = Field(default_factory=lambda: ["i don't know", "i do not know"])
+    embedder: dict = Field(default_factory=lambda: {"backend": "minilm"},
+                           description="certainty embedder: minilm (default) | sentence_transformers | hashing")
+    mc_options: int = Field(4, ge=2, le=10)
+    mcqa_certainty_probs: Literal["raw", "normalised"] = "raw"
+    rehearsal: RehearsalConfig = Field(default_factory=RehearsalConfig)
+    use_delta_sigma: Literal[False] = Field(False, description="Δσ is defined by the paper but unused (§9.7)")
+    # selection (Algorithm 1, §5.5)
+    tau_van: float = Field(0.51, ge=0, le=1, description="vanilla needs mu >= tau_van")
+    tau_idk: float = Field(0.49, ge=0, le=1, description="IdK needs mu <= tau_idk")
+    idk_delta_strict: bool = Field(True, description="IdK needs delta_mu < 0 (true, OEQA code) or <= 0 (MCQA code)")
+    n_van: int = Field(8000, ge=0)
+    n_idk: int = Field(2000, ge=0)
+    tie_break: Literal["index", "random"] = Field(
+        "index", description="order among equal certainty: data order, or a seeded shuffle")
+    tie_at_cut: Literal["cut", "keep_all"] = Field(
+        "cut", description="items tied with the last one taken: cut at N, or keep them all (pandas keep='all')")
+    bucket_shortfall: Literal["take_all", "raise", "resample_with_replacement"] = "take_all"
+    seed_subsample: int = 0
+    idk_answer: str = "I don't know."
+    vanilla_target: Literal["gold", "model_majority"] = Field(
+        "gold", description="vanilla rows keep the gold answer (code), or the model's own majority answer")
+    completion_only_loss: bool = True
+    stage_dir: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.tau_idk > self.tau_van:
+            raise ValueError(f"tau_idk ({self.tau_idk}) must be <= tau_van ({self.tau_van}): an item cannot be "
+                             "both known and unknown")
+        if "{question}" not in self.prompt_template:
+            raise ValueError("prompt_template must contain '{question}'")
+        return self
+
+
+def check_config(cfg: RunConfig, method: Method) -> list[str]:
+    problems = common_checks(cfg)
+    if method.n_van + method.n_idk == 0:
+        problems.append("field 'method.n_van': n_van + n_idk is 0, nothing would be trained")
+    if cfg.data.system_prompt:
+        problems.append("field 'data.system_prompt': not supported by craft (its query, rehearsal and RAIT rows "
+                        "are built from the QA questions with method.prompt_template); put the instruction there")
+    backend = (method.embedder or {}).get("backend", "minilm")
+    if backend not in ("minilm", "sentence_transformers", "hashing"):
+        problems.append(f"field 'method.embedder.backend': unknown {backend!r}; valid: minilm, "
+                        "sentence_transformers, hashing")
+    return problems
+
+
+# ---------------------------------------------------------------- selection (Algorithm 1)
+
+
+def _ordered(items: list[dict], key: str | None, descending: bool, tie_break: str, rng: random.Random) -> list[dict]:
+    """Items sorted by ``key`` (None: a seeded random order); ties by data order or at random."""
+    tb = list(range(len(items)))
+    if tie_break == "random" or key is None:
+        rng.shuffle(tb)
+    ranked = list(zip(items, tb))
+    if key is None:
+        return [it for it, _ in sorted(ranked, key=lambda x: x[1])]
+    sign = -1.0 if descending else 1.0
+    return [it for it, _ in sorted(ranked, key=lambda x: (sign * x[0][key], x[1]))]
+
+
+def _take(ordered: list[dict], n: int, key: str | None, tie_at_cut: str, shortfall: str, bucket: str,
+          rng: random.Random) -> tuple[list[dict], int]:
+    """TopK of an ordered bucket; returns (taken, resampled-or-short count)."""
+    if len(ordered) < n:
+        if shortfall == "raise":
+            raise ValueError(f"bucket {bucket!r} has {len(ordered)} candidates, fewer than n_{bucket}={n} "
+                             "(method.bucket_shortfall: take_all or resample_with_replacement)")
+        if shortfall == "resample_with_replacement" and ordered:
+            return ordered + [rng.choice(ordered) for _ in range(n - len(ordered))], n - len(ordered)
+        return list(ordered), n - len(ordered)
+    taken = ordered[:n]
+    if tie_at_cut == "keep_all" and key is not None and 0 < n < len(ordered):
+        last = ordered[n - 1][key]
+        taken += [it for it in ordered[n:] if it[key] == last]
+    return taken, 0
+
+
+def select(table: list[dict], method: Method, variant: str | None = None) -> tuple[list[dict], dict]:
+    """Assign every item of the knowledge-state table a bucket and a reason.
+
+    ``table`` rows: ``mu``, ``sigma``, ``delta_mu`` (flow variants), any metadata. Returns
+    (rows with ``bucket`` ∈ {vanilla, idk, dropped} and ``reason``, report). Algorithm 1
+    (craft.md §3): D_van¹ = {μ ≥ τ_van}; D_idk¹ = {μ ≤ τ_idk, Δμ < 0}; {μ ≤ τ_idk, Δμ ≥ 0}
+    dropped (becoming known); D_van² = TopK by σ descending, D_idk² = TopK by σ ascending.
+    """
+    variant = variant or method.variant
+    rng = random.Random(method.seed_subsample)
+    eps = 1e-12
+    out = [dict(r, bucket="dropped", reason="") for r in table]
+    van_c, idk_c = [], []
+    for r in out:
+        mu = r.get("mu")
+        if variant == "van":
+            van_c.append(r)
+            continue
+        if mu is None or mu != mu:
+            r["reason"] = "no knowledge state"
+        elif mu >= method.tau_van - eps:
+            van_c.append(r)
+        elif mu <= method.tau_idk + eps:
+            if variant in _FLOW:
+                d = r.get("delta_mu")
+                if d is None:
+                    raise ValueError("flow variant without delta_mu: run the rehearsal stage first")
+                falling = d < -eps if method.idk_delta_strict else d <= eps
+                if falling:
+                    idk_c.append(r)
+                else:
+                    r["reason"] = "knowledge flow: delta_mu >= 0 (becoming known during SFT)" \
+                        if method.idk_delta_strict else "knowledge flow: delta_mu > 0 (becoming known during SFT)"
+            else:
+                idk_c.append(r)
+        else:
+            r["reason"] = f"between thresholds ({method.tau_idk} < mu < {method.tau_van})"
+    report: dict = {"variant": variant, "candidates": {"vanilla": len(van_c), "idk": len(idk_c)}}
+    key_v = key_i = None
+    if variant == "van":  # Van-Tuning: N_van + N_idk random items, answers unchanged
+        order = _ordered(van_c, None, False, method.tie_break, rng)
+        taken, short = _take(order, method.n_van + method.n_idk, None, "cut", method.bucket_shortfall,
+                             "van", rng)
+        chosen = {"vanilla": taken}
+        report["shortfall"] = {"vanilla": short}
+    else:
+        key_v, key_i = ("sigma", "sigma") if variant in _CERTAINTY_ORDER else (None, None)
+        ov = _ordered(van_c, key_v, True, method.tie_break, rng)
+        oi = _ordered(idk_c, key_i, False, method.tie_break, rng)
+        tv, sv = _take(ov, method.n_van, key_v, method.tie_at_cut, method.bucket_shortfall, "van", rng)
+        ti, si = _take(oi, method.n_idk, key_i, method.tie_at_cut, method.bucket_shortfall, "idk", rng)
+        chosen = {"vanilla": tv, "idk": ti}
+        report["shortfall"] = {"vanilla": sv, "idk": si}
+    how = {None: "random", "sigma": "certainty"}
+    selected: list[dict] = []
+    for bucket, items in chosen.items():
+        seen: set[int] = set()
+        for it in items:
+            if id(it) in seen:  # resampled with replacement: a duplicate training row
+                selected.append(dict(it, bucket=bucket, reason="resampled (bucket shortfall)"))
+                continue
+            seen.add(id(it))
+            it["bucket"] = bucket
+            order = how[key_v]
+            it["reason"] = ("van: random item, answer kept" if variant == "van" else
+                            f"{'mu >= tau_van' if bucket == 'vanilla' else 'mu <= tau_idk'}"
+                            f"{', delta_mu < 0' if (bucket == 'idk' and variant in _FLOW) else ''}, "
+                            f"in the top n_{'van' if bucket == 'vanilla' else 'idk'} ({order})")
+    van_ids = {id(r) for r in van_c}
+    for r in out:
+        if r["bucket"] == "dropped" and not r["reason"]:
+            r["reason"] = "not selected: over n_van" if id(r) in van_ids else "not selected: over n_idk"
+    rows = out + [s for s in selected if s.get("reason") == "resampled (bucket shortfall)"]
+    counts = Counter(r["bucket"] for r in rows)
+    report["buckets"] = {b: counts.get(b, 0) for b in ("vanilla", "idk", "dropped")}
+    report["reasons"] = dict(Counter(r["reason"] for r in rows))
+    if any("knowledge" in r for r in rows):
+        by: dict = {}
+        for r in rows:
+            by.setdefault(str(r.get("knowledge")), Counter())[r["bucket"]] += 1
+        report["by_knowledge"] = {k: dict(v) for k, v in sorted(by.items())}
+    return rows, report
+
+
+# ---------------------------------------------------------------- prepare stages
+
+
+def _src_digest(*objs) -> str:
+    import hashlib
+    import inspect
+
+    h = hashlib.sha256()
+    for o in objs:
+        h.update(inspect.getsource(o).encode())
+    return h.hexdigest()[:16]
+
+
+def _query_rows(cfg: RunConfig, method: Method) -> list[dict]:
+    from alignkit.data import load_rows
+
+    rows = load_rows(cfg.data.train, "qa", cfg.data.max_errors)
+    for i, r in enumerate(rows):
+        r["qid"] = i
+        r["prompt"] = method.prompt_template.format(question=r["question"])
+    if method.task == "mcqa":
+        from alignkit.knowledge import build_mc_items
+
+        values = _world_values(cfg)
+        rows = build_mc_items(rows, values, method.mc_options, seed=method.seed_subsample)
+        for r in rows:
+            r["prompt"] = method.prompt_template.format(question=r["mc_prompt"])
+    return rows
+
+
+def _world_values(cfg: RunConfig) -> dict | None:
+    if not cfg.model.name_or_path.startswith("world:"):
+        return None
+    from alignkit.world import load_world, world_dir_for_uri
+
+    w = load_world(world_dir_for_uri(cfg.model.name_or_path))
+    return {a: list(v) for a, v in w.values.items()}
+
+
+def _query(model, tok, rows: list[dict], method: Method, seed: int, embedder) -> list[dict]:
+    from alignkit.knowledge import mc_knowledge_state, oe_knowledge_state
+
+    if method.task == "mcqa":
+        return mc_knowledge_state(model, tok, rows, batch_size=method.gen_batch_size,
+                                  certainty_probs=method.mcqa_certainty_probs, prompt_key="prompt")
+    return oe_knowledge_state(model, tok, rows, n=method.num_samples, temperature=method.temperature,
+                              top_p=method.top_p, max_new_tokens=method.max_new_tokens,
+                              batch_size=method.gen_batch_size, seed=seed, embedder=embedder,
+                              match=method.correctness_match, refusal_keywords=method.refusal_keywords)
+
+
+def _query_key(cfg: RunConfig, method: Method) -> dict:
+    import alignkit.judges.embedding as emb
+    import alignkit.knowledge as kn
+    from alignkit.models import resolve_path
+    from alignkit.sampling import source_fingerprint
+    from alignkit.stages import file_digest
+
+    m, d = cfg.model, cfg.data
+    q = method.model_dump(include={"task", "prompt_template", "num_samples", "temperature", "top_p",
+                                   "max_new_tokens", "gen_batch_size", "correctness_match", "refusal_keywords",
+                                   "embedder", "mc_options", "mcqa_certainty_probs", "seed_subsample"})
+    if method.task == "mcqa":
+        q.pop("embedder")
+    return {"model": source_fingerprint(resolve_path(m.name_or_path), m.revision), "dtype": m.dtype,
+            "data": file_digest(d.train.path), "format": d.train.format, "split": d.train.split,
+            "columns": d.train.columns, "limit": d.train.limit, "query": q, "seed": cfg.seed,
+            "code": _src_digest(kn, emb, _query_rows, _query)}
+
+
+def stage_query(cfg: RunConfig, method: Method) -> Path:
+    from alignkit.stages import run_stage
+
+    def fn():
+        from alignkit.judges.embedding import build_embedder
+        from alignkit.models import load_for_sampling
+
+        rows = _query_rows(cfg, method)
+        model, tok = load_for_sampling(cfg.model)
+        embedder = build_embedder(method.embedder) if method.task == "oeqa" else None
+        ks = _query(model, tok, rows, method, cfg.seed, embedder)
+        return [{**r, **k, "mu0": k["mu"], "sigma0": k["sigma"]} for r, k in zip(rows, ks)]
+
+    return run_stage("craft_query", _query_key(cfg, method), fn, method.stage_dir)
+
+
+def _rehearsal_rows(table: list[dict], method: Method) -> list[dict]:
+    from alignkit.knowledge import majority_correct
+
+    h = method.rehearsal
+    if method.task == "mcqa":
+        cand = [r for r in table if r["mu0"] > h.mu_min]
+    else:
+        cand = [r for r in table if r["mu0"] >= h.mu_min and (r["sigma0"] or 0) >= h.sigma_min]
+    rng = random.Random(h.seed)
+    if len(cand) > h.size:
+        cand = sorted(rng.sample(cand, h.size), key=lambda r: r["qid"])
+    out = []
+    for r in cand:
+        if method.task == "mcqa":
+            target = r["target"]
+        elif h.target == "model_majority":
+            target = majority_correct(r["samples"], r["sample_is_correct"]) or r["answers"][0]
+        else:
+            target = r["answers"][0]
+        out.append({"qid": r["qid"], "prompt": [{"role": "user", "content": r["prompt"]}], "completion": target})
+    return out
+
+
+def stage_rehearse(cfg: RunConfig, method: Method, query_path: Path) -> Path:
+    """Rehearsal fine-tune of M0 on known items, then the same query: μ(M̃) per item."""
+    import alignkit.knowledge as kn
+    from alignkit.stages import file_digest, read_jsonl, run_stage
+
+    # The re-query uses the same options as the first query (judge, prompts, sampling): key on them too,
+    # so a changed option never reuses a stale Δμ even when M0's query file is byte-identical.
+    key = {"query": file_digest(query_path), "query_options": _query_key(cfg, method)["query"],
+           "rehearsal": method.rehearsal.model_dump(),
+           "max_length": cfg.data.max_length, "seed": cfg.seed, "model": cfg.model.model_dump(),
+           "code": _src_digest(kn, _rehearsal_rows, stage_rehearse, _query)}
+
+    def fn():
+        import torch
+
+        from alignkit.models import load_for_sampling
+
+        table = read_jsonl(query_path)
+        reh = _rehearsal_rows(table, method)
+        if not reh:
+            raise ValueError(f"rehearsal: no item has mu >= {method.rehearsal.mu_min}"
+                             + ("" if method.task == "mcqa" else f" and sigma >= {method.rehearsal.sigma_min}")
+                             + "; lower method.rehearsal.mu_min / sigma_min")
+        torch.manual_seed(cfg.seed)
+        model, tok = load_for_sampling(cfg.model)
+        if method.rehearsal.lora is None and model.dtype != torch.float32:
+            # Full-weight AdamW steps of lr ~1e-6 round away on bf16/fp16 weights (Δμ would be ~0):
+            # rehearse on fp32 weights, or give method.rehearsal.lora (adapters train in fp32).
+            log.warning("rehearsal: %s weights upcast to float32 for the fine-tune", model.dtype)
+            model = model.float()
+        if method.rehearsal.lora is not None:
+            from peft import LoraConfig as PeftLora
+            from peft import get_peft_model
+
+            lc = method.rehearsal.lora
+            model = get_peft_model(model, PeftLora(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
+                                                   target_modules=lc.target_modules, task_type="CAUSAL_LM"))
+        h = method.rehearsal
+        stats = kn.brief_finetune(model, tok, reh, learning_rate=h.learning_rate, epochs=h.num_train_epochs,
+                                  batch_size=h.batch_size, max_length=cfg.data.max_length, seed=cfg.seed,
+                                  warmup_ratio=h.warmup_ratio, scheduler=h.lr_scheduler_type)
+        ks = _query(model, tok, table, method, cfg.seed, None)  # Δσ is unused (§9.7): no embedding
+        rows = [{"qid": r["qid"], "mu_reh": k["mu"], "delta_mu": k["mu"] - r["mu0"],
+                 **({"samples_reh": k["samples"]} if "samples" in k else {})} for r, k in zip(table, ks)]
+        gained = sum(r["delta_mu"] > 0 for r, t in zip(rows, table) if t["mu0"] < 0.5)
+        low = sum(t["mu0"] < 0.5 for t in table)
+        report = {"rehearsal_items": len(reh), **stats,
+                  "low_mu_items_improved": f"{gained}/{low}"}  # the paper's MMLU figure: 69%
+        log.info("craft rehearsal: %s", report)
+        return rows, report
+
+    return run_stage("craft_rehearse", key, fn, method.stage_dir)
+
+
+def _rait_row(r: dict, method: Method) -> dict:
+    from alignkit.knowledge import majority_correct
+
+    if r["bucket"] == "idk":
+        target = method.idk_answer
+    elif method.task == "mcqa":
+        target = r["target"]
+    elif method.vanilla_target == "model_majority" and r.get("samples"):
+        target = majority_correct(r["samples"], r["sample_is_correct"]) or r["answers"][0]
+    else:
+        target = r["answers"][0]
+    return {"qid": r["qid"], "question": r["question"], "prompt": [{"role": "user", "content": r["prompt"]}],
+            "completion": target, "answer_rait": target, "bucket": r["bucket"], "reason": r["reason"],
+            "knowledge": r.get("knowledge"), "mu0": r.get("mu0"), "sigma0": r.get("sigma0"),
+            "delta_mu": r.get("delta_mu")}
+
+
+def stage_select(cfg: RunConfig, method: Method, query_path: Path | None, rehearse_path: Path | None) -> Path:
+    from alignkit.stages import file_digest, read_jsonl, run_stage
+
+    sel = method.model_dump(include={"variant", "tau_van", "tau_idk", "idk_delta_strict", "n_van", "n_idk",
+                                     "tie_break", "tie_at_cut", "bucket_shortfall", "seed_subsample",
+                                     "idk_answer", "vanilla_target", "task", "prompt_template"})
+    key = {"query": file_digest(query_path) if query_path else None,
+           "rehearse": file_digest(rehearse_path) if rehearse_path else None,
+           "data": None if query_path else file_digest(cfg.data.train.path), "limit": cfg.data.train.limit,
+           "selection": sel, "code": _src_digest(select, _ordered, _take, _rait_row)}
+
+    def fn():
+        if query_path is not None:
+            table = read_jsonl(query_path)
+        else:  # Van-Tuning needs no knowledge state
+            table = _query_rows(cfg, method)
+        if rehearse_path is not None:
+            flow = {r["qid"]: r for r in read_jsonl(rehearse_path)}
+            for r in table:
+                r.update({k: v for k, v in flow[r["qid"]].items() if k != "samples_reh"})
+        for r in table:
+            r.setdefault("mu", r.get("mu0"))
+            r.setdefault("sigma", r.get("sigma0"))
+        rows, report = select(table, method)
+        return [_rait_row(r, method) for r in rows], report
+
+    return run_stage("craft_select", key, fn, method.stage_dir)
+
+
+def stage_initial_eval(cfg: RunConfig, method: Method) -> Path:
+    """The initial model on the eval sets (greedy, same judge and seed as the run's eval)."""
+    import alignkit.evaluation as ev
+    from alignkit.models import resolve_path
+    from alignkit.sampling import source_fingerprint
+    from alignkit.stages import file_digest, run_stage
+
+    m = cfg.model
+    key = {"model": source_fingerprint(resolve_path(m.name_or_path), m.revision), "dtype": m.dtype,
+           "eval": cfg.eval.model_dump(), "files": {k: file_digest(e.path) for k, e in cfg.eval.datasets.items()},
+           "seed": cfg.seed, "code": _src_digest(ev)}
+
+    def fn():
+        import tempfile
+
+        from alignkit.evaluation import build_eval_judge, evaluate_model, read_records
+        from alignkit.models import load_for_sampling
+
+        model, tok = load_for_sampling(m)  # the configured revision, as the key says
+        judge = build_eval_judge(cfg.eval.judge, m.name_or_path)
+        with tempfile.TemporaryDirectory() as td:
+            res = evaluate_model(model, tok, cfg.eval, judge, Path(td), seed=cfg.seed)
+            rows = [{"eval_set": name, **r} for name in cfg.eval.datasets
+                    for r in read_records(Path(td) / f"eval_{name}.jsonl")]
+        return rows, {"eval": res["eval"]}
+
+    return run_stage("craft_initial_eval", key, fn, method.stage_dir)
+
+
+def prepare(cfg: RunConfig, method: Method) -> dict[str, Path | None]:
+    """Run the prepare stages; returns their output files (None: not needed by the variant)."""
+    query = stage_query(cfg, method) if method.variant != "van" else None
+    rehearse = stage_rehearse(cfg, method, query) if method.variant in _FLOW else None
+    selection = stage_select(cfg, method, query, rehearse)
+    ref = stage_initial_eval(cfg, method) if (cfg.eval.enabled and cfg.eval.datasets) else None
+    return {"query": query, "rehearse": rehearse, "select": selection, "initial_eval": ref}
+
+
+def _prepare_once(cfg: RunConfig, method: Method) -> dict[str, Path | None]:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Rank 0 runs the stages (the rehearsal is a single-process loop, no collectives);
+        # the other ranks wait at the barrier, then hit the stage cache.
+        from datetime import timedelta
+
+        from accelerate import PartialState
+
+        with PartialState(timeout=timedelta(seconds=cfg.train.ddp_timeout)).main_process_first():
+            return prepare(cfg, method)
+    return prepare(cfg, method)
+
+
+# ---------------------------------------------------------------- train
+
+
+def train(cfg: RunConfig, callbacks=()) -> Path:
+    from datasets import Dataset
+    from transformers import set_seed
+    from trl import SFTConfig, SFTTrainer
+
+    from alignkit.data import tokenize_rows
+    from alignkit.evaluation import attach_ths
+    from alignkit.models import load_model, load_tokenizer
+    from alignkit.paths import expand_config
+    from alignkit.stages import read_jsonl
+    from alignkit.training import (
+        RunLogCallback,
+        apply_disable_dropout,
+        atomic_write_text,
+        checkpoint_step,
+        finish_run,
+        is_main_process,
+        prepare_run_dir,
+        run_eval_after_training,
+        training_arguments,
+    )
+
+    method = Method.model_validate(cfg.method)
+    expand_config(cfg)
+    from alignkit.data import load_rows
+
+    load_rows(cfg.data.train, "qa", cfg.data.max_errors)  # bad rows fail here, before any model loads
+    stages = _prepare_once(cfg, method)
+    selection_path, ref_path = stages["select"], stages["initial_eval"]
+    table = read_jsonl(selection_path)
+    rows = [dict(r, _row=i) for i, r in enumerate(table) if r["bucket"] in ("vanilla", "idk")]
+    if not rows:
+        raise ValueError(f"CRaFT selection kept no items (see {selection_path.with_suffix('.provenance.json')})")
+    d = cfg.data
+    tok = load_tokenizer(cfg.model)
+    train_tok, data_report = tokenize_rows("sft", rows, tok, str(selection_path), d.max_length, d.length_policy,
+                                           max_errors=d.max_errors)
+    run_dir, resume = prepare_run_dir(cfg)
+    if is_main_process():
+        prov = json.loads(selection_path.with_suffix(".provenance.json").read_text())
+        report = {"variant": method.variant, "stages": {k: v and str(v) for k, v in stages.items()},
+                  **prov.get("report", {})}
+        if stages["rehearse"] is not None:
+            report["rehearsal"] = json.loads(stages["rehearse"].with_suffix(".provenance.json").read_text()).get("report")
+        atomic_write_text(run_dir / "craft_report.json", json.dumps(report, indent=2))
+        atomic_write_text(run_dir / "data_report.json", json.dumps(data_report.as_dict(), indent=2))
+        log.info("craft selection (%s): %s", method.variant, report.get("buckets"))
+    set_seed(cfg.seed)
+    model = load_model(cfg.model)
+    apply_disable_dropout(cfg, model, default=False)
+    strip = lambda rs: [{"input_ids": r["input_ids"], "completion_mask": r["completion_mask"]} for r in rs]  # noqa: E731
+    args = training_arguments(cfg, run_dir, cls=SFTConfig, max_length=None, padding_free=d.padding_free,
+                              completion_only_loss=method.completion_only_loss, dataset_num_proc=None)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(strip(train_tok)),
+                         processing_class=tok, callbacks=[RunLogCallback(run_dir, checkpoint_step(resume)), *callbacks])
+    trainer.train(resume_from_checkpoint=resume)
+    finish_run(trainer, tok, run_dir, {"data": data_report.as_dict(), "variant": method.variant})
+    run_eval_after_training(cfg, run_dir, trainer, tok)
+    if trainer.is_world_process_zero() and ref_path is not None and (run_dir / "metrics.json").exists():
+        ref: dict[str, list[dict]] = {}
+        for r in read_jsonl(ref_path):
+            ref.setdefault(r.pop("eval_set"), []).append(r)
+        qa_sets = [n for n, e in cfg.eval.datasets.items() if e.task == "qa"]
+        attach_ths(run_dir, ref, qa_sets)
+    return run_dir
