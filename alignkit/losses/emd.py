@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from alignkit.losses.logps import IGNORE_INDEX
+from alignkit.losses.logps import IGNORE_INDEX, POSITION_REDUCTIONS, reduce_positions
 
-EMD_REDUCTIONS = ("none", "sum", "token_mean", "seq_mean")
+EMD_REDUCTIONS = POSITION_REDUCTIONS
 
 
 def normalized_embeddings(
@@ -152,19 +152,8 @@ def semantic_emd(
             else:
                 pieces.append(_onehot_emd_block(*args))
         per_pos = torch.cat(pieces, dim=1)
-    # where, not multiply: a non-finite value at a skipped position must not make the output NaN.
-    per_pos = torch.where(valid, per_pos, torch.zeros((), dtype=per_pos.dtype, device=per_pos.device))
-
-    if reduction == "none":
-        return per_pos
-    if reduction == "sum":
-        return per_pos.sum()
-    if reduction == "token_mean":
-        return per_pos.sum() / valid.sum().clamp(min=1)
-    counts = valid.sum(-1)
-    seq_means = per_pos.sum(-1) / counts.clamp(min=1)
-    has_tokens = counts > 0
-    return (seq_means * has_tokens).sum() / has_tokens.sum().clamp(min=1)
+    # torch.where inside, not multiply: a non-finite value at a skipped position must not make the output NaN.
+    return reduce_positions(per_pos, valid, reduction)
 
 
 def emd_lower_bound(

@@ -49,3 +49,27 @@ def sequence_logps(
     if weights is not None:
         per_token = per_token * weights[:, 1:].to(per_token.dtype)
     return per_token.sum(-1)
+
+
+# Reductions of a [B, T-1] per-position loss over valid positions, shared by the token losses.
+POSITION_REDUCTIONS = ("none", "sum", "token_mean", "seq_mean")
+
+
+def reduce_positions(per_pos: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Reduce a ``[B, T-1]`` per-position loss over the ``valid`` positions.
+
+    ``none``: the tensor, 0 where not valid; ``sum``; ``token_mean``: mean over valid
+    positions; ``seq_mean``: mean over sequences (those with a valid position) of each
+    sequence's mean. Empty selections give 0, never NaN."""
+    if reduction not in POSITION_REDUCTIONS:
+        raise ValueError(f"unknown reduction {reduction!r}; expected one of {POSITION_REDUCTIONS}")
+    per_pos = torch.where(valid, per_pos, torch.zeros((), dtype=per_pos.dtype, device=per_pos.device))
+    if reduction == "none":
+        return per_pos
+    if reduction == "sum":
+        return per_pos.sum()
+    if reduction == "token_mean":
+        return per_pos.sum() / valid.sum().clamp(min=1)
+    counts = valid.sum(-1)
+    has = counts > 0
+    return (per_pos.sum(-1) / counts.clamp(min=1) * has).sum() / has.sum().clamp(min=1)

@@ -22,25 +22,9 @@ from __future__ import annotations
 
 import torch
 
-from alignkit.losses.logps import IGNORE_INDEX, token_logps
+from alignkit.losses.logps import IGNORE_INDEX, POSITION_REDUCTIONS, reduce_positions, token_logps  # noqa: F401
 
-UNSAFE_REDUCTIONS = ("none", "sum", "token_mean", "seq_mean")
-
-
-def reduce_positions(per_pos: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Tensor:
-    """Reduce a ``[B, T-1]`` per-position loss over the ``valid`` positions (see module doc)."""
-    if reduction not in UNSAFE_REDUCTIONS:
-        raise ValueError(f"unknown reduction {reduction!r}; expected one of {UNSAFE_REDUCTIONS}")
-    per_pos = torch.where(valid, per_pos, torch.zeros((), dtype=per_pos.dtype, device=per_pos.device))
-    if reduction == "none":
-        return per_pos
-    if reduction == "sum":
-        return per_pos.sum()
-    if reduction == "token_mean":
-        return per_pos.sum() / valid.sum().clamp(min=1)
-    counts = valid.sum(-1)
-    has = counts > 0
-    return (per_pos.sum(-1) / counts.clamp(min=1) * has).sum() / has.sum().clamp(min=1)
+UNSAFE_REDUCTIONS = POSITION_REDUCTIONS
 
 
 def _valid(target_ids: torch.Tensor, mask: torch.Tensor | None, ignore_index: int) -> torch.Tensor:

@@ -75,7 +75,7 @@ def test_gradients_finite_and_bounded_vs_unbounded():
         assert torch.isfinite(g).all() and g.abs().sum() > 0
         assert g[2].abs().sum() == 0  # the fully masked row gets no gradient
     # unlikelihood is >= 0 (minimum at p = 0); gradient ascent's objective goes to -inf as p -> 0
-    assert float(unlikelihood_loss(logits, ids, mask)) >= 0
+    assert unlikelihood_loss(logits, ids, mask).item() >= 0
     far = torch.full_like(logits, -30.0).scatter(2, torch.zeros_like(ids).clamp(min=0).unsqueeze(-1), 30.0)
     ids1 = torch.ones_like(ids)
     assert float(gradient_ascent_loss(far, ids1)) < -50
