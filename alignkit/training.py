@@ -372,6 +372,39 @@ def apply_disable_dropout(cfg: RunConfig, model, default: bool) -> None:
         log.info("disable_dropout: %d dropout settings set to 0", n)
 
 
+def train_sft_rows(cfg: RunConfig, tok, train_tok: list[dict], eval_tok: list[dict] | None, run_dir: Path,
+                   resume: str | None, completion_only_loss: bool, extra: dict, callbacks=()) -> Trainer:
+    """Plain SFT on pre-tokenised rows (``input_ids`` + ``completion_mask``) with ``trl.SFTTrainer``:
+    load the policy, train, save, evaluate. The last step of every recipe that ends in SFT
+    (``sft``; CRaFT's RAIT); returns the trainer."""
+    from datasets import Dataset
+    from transformers import set_seed
+    from trl import SFTConfig, SFTTrainer
+
+    from alignkit.models import load_model
+
+    set_seed(cfg.seed)
+    model = load_model(cfg.model)
+    apply_disable_dropout(cfg, model, default=False)  # TRL's SFT keeps dropout; opt in with model.disable_dropout
+
+    def strip(rs):
+        return Dataset.from_list([{"input_ids": r["input_ids"], "completion_mask": r["completion_mask"]} for r in rs])
+
+    args = training_arguments(
+        # Lengths are already enforced by data.length_policy; TRL must not truncate again.
+        cfg, run_dir, cls=SFTConfig, max_length=None, padding_free=cfg.data.padding_free,
+        completion_only_loss=completion_only_loss, dataset_num_proc=None,
+    )
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=strip(train_tok), eval_dataset=strip(eval_tok) if eval_tok else None,
+        processing_class=tok, callbacks=[RunLogCallback(run_dir, checkpoint_step(resume)), *callbacks],
+    )
+    trainer.train(resume_from_checkpoint=resume)
+    finish_run(trainer, tok, run_dir, extra)
+    run_eval_after_training(cfg, run_dir, trainer, tok)
+    return trainer
+
+
 def run_eval_after_training(cfg: RunConfig, run_dir: Path, trainer: Trainer, tokenizer) -> dict | None:
     """Evaluate on the main process. Under ZeRO-3/FSDP the in-memory weights are sharded
     (a forward on one rank would wait forever for the others), so the saved, gathered

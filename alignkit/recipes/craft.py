@@ -540,26 +540,12 @@ def _prepare_once(cfg: RunConfig, method: Method) -> dict[str, Path | None]:
 
 
 def train(cfg: RunConfig, callbacks=()) -> Path:
-    from datasets import Dataset
-    from transformers import set_seed
-    from trl import SFTConfig, SFTTrainer
-
     from alignkit.data import tokenize_rows
     from alignkit.evaluation import attach_ths
-    from alignkit.models import load_model, load_tokenizer
+    from alignkit.models import load_tokenizer
     from alignkit.paths import expand_config
     from alignkit.stages import read_jsonl
-    from alignkit.training import (
-        RunLogCallback,
-        apply_disable_dropout,
-        atomic_write_text,
-        checkpoint_step,
-        finish_run,
-        is_main_process,
-        prepare_run_dir,
-        run_eval_after_training,
-        training_arguments,
-    )
+    from alignkit.training import atomic_write_text, is_main_process, prepare_run_dir, train_sft_rows
 
     method = Method.model_validate(cfg.method)
     expand_config(cfg)
@@ -586,17 +572,9 @@ def train(cfg: RunConfig, callbacks=()) -> Path:
         atomic_write_text(run_dir / "craft_report.json", json.dumps(report, indent=2))
         atomic_write_text(run_dir / "data_report.json", json.dumps(data_report.as_dict(), indent=2))
         log.info("craft selection (%s): %s", method.variant, report.get("buckets"))
-    set_seed(cfg.seed)
-    model = load_model(cfg.model)
-    apply_disable_dropout(cfg, model, default=False)
-    strip = lambda rs: [{"input_ids": r["input_ids"], "completion_mask": r["completion_mask"]} for r in rs]  # noqa: E731
-    args = training_arguments(cfg, run_dir, cls=SFTConfig, max_length=None, padding_free=d.padding_free,
-                              completion_only_loss=method.completion_only_loss, dataset_num_proc=None)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(strip(train_tok)),
-                         processing_class=tok, callbacks=[RunLogCallback(run_dir, checkpoint_step(resume)), *callbacks])
-    trainer.train(resume_from_checkpoint=resume)
-    finish_run(trainer, tok, run_dir, {"data": data_report.as_dict(), "variant": method.variant})
-    run_eval_after_training(cfg, run_dir, trainer, tok)
+    # RAIT: plain SFT of the initial model on the selected rows (no eval split: data.eval is unused here).
+    trainer = train_sft_rows(cfg, tok, train_tok, None, run_dir, resume, method.completion_only_loss,
+                             {"data": data_report.as_dict(), "variant": method.variant}, callbacks)
     if trainer.is_world_process_zero() and ref_path is not None and (run_dir / "metrics.json").exists():
         ref: dict[str, list[dict]] = {}
         for r in read_jsonl(ref_path):

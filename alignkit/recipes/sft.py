@@ -52,23 +52,14 @@ def check_config(cfg: RunConfig, method: Method) -> list[str]:
 
 
 def train(cfg: RunConfig, callbacks=()) -> Path:
-    from datasets import Dataset
-    from transformers import set_seed
-    from trl import SFTConfig, SFTTrainer
-
     from alignkit.data import tokenize_rows
-    from alignkit.models import load_model, load_tokenizer
+    from alignkit.models import load_tokenizer
     from alignkit.training import (
-        RunLogCallback,
-        apply_disable_dropout,
         atomic_write_text,
-        checkpoint_step,
-        finish_run,
         is_main_process,
         load_train_rows,
         prepare_run_dir,
-        run_eval_after_training,
-        training_arguments,
+        train_sft_rows,
     )
 
     method = Method.model_validate(cfg.method)
@@ -84,22 +75,6 @@ def train(cfg: RunConfig, callbacks=()) -> Path:
     run_dir, resume = prepare_run_dir(cfg)
     if is_main_process():
         atomic_write_text(run_dir / "data_report.json", json.dumps(report.as_dict(), indent=2))
-    set_seed(cfg.seed)
-    model = load_model(cfg.model)
-    apply_disable_dropout(cfg, model, default=False)  # TRL's SFT keeps dropout; opt in with model.disable_dropout
-    strip = lambda rs: [{"input_ids": r["input_ids"], "completion_mask": r["completion_mask"]} for r in rs]  # noqa: E731
-    args = training_arguments(
-        # Lengths are already enforced by data.length_policy; TRL must not truncate again.
-        cfg, run_dir, cls=SFTConfig, max_length=None, padding_free=d.padding_free,
-        completion_only_loss=method.completion_only_loss, dataset_num_proc=None,
-    )
-    resume_step = checkpoint_step(resume)
-    trainer = SFTTrainer(
-        model=model, args=args, train_dataset=Dataset.from_list(strip(train_tok)),
-        eval_dataset=Dataset.from_list(strip(eval_tok)) if eval_tok else None, processing_class=tok,
-        callbacks=[RunLogCallback(run_dir, resume_step), *callbacks],
-    )
-    trainer.train(resume_from_checkpoint=resume)
-    finish_run(trainer, tok, run_dir, {"data": report.as_dict()})
-    run_eval_after_training(cfg, run_dir, trainer, tok)
+    train_sft_rows(cfg, tok, train_tok, eval_tok, run_dir, resume, method.completion_only_loss,
+                   {"data": report.as_dict()}, callbacks)
     return run_dir
