@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import difflib
-import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -95,7 +94,9 @@ class DataConfig(Strict):
     eval: DataSource | None = None
     max_length: int | None = Field(1024, ge=8)
     length_policy: Literal["truncate", "drop", "raise"] = "truncate"
-    padding_free: bool = False
+    # null: each recipe's default. Preference recipes pack (exact: same per-sequence log-probs as padding);
+    # SFT pads unless set true (TRL's padding_free, position_ids).
+    padding_free: bool | None = None
     system_prompt: str | None = None
     max_errors: int = Field(20, ge=1)
 
@@ -368,13 +369,22 @@ def common_checks(cfg: RunConfig) -> list[str]:
     return problems
 
 
+class PreferenceOptions(Strict):
+    """The DPO-family fields every preference recipe shares (``method:`` section)."""
+
+    beta: float = Field(0.1, gt=0)
+    loss_type: Literal["sigmoid", "hinge", "ipo"] = "sigmoid"
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    # Exact (the reference runs no-grad in eval mode either way), so on by default: no reference copy is
+    # kept during training and no reference forward runs next to each policy forward.
+    precompute_ref_logps: bool = Field(True, description="one reference pass before training; no ref copy kept")
+    ref_logps_cache: bool = Field(True, description="reuse precomputed reference log-probs from "
+                                                    "$ALIGNKIT_CACHE/ref_logps when data and model match")
+    logps_chunk_size: int = Field(1024, ge=1, description="LM-head rows per float32 log-normaliser chunk")
+
+
 def preference_checks(cfg: RunConfig, method) -> list[str]:
     problems = common_checks(cfg)
     if method.loss_type != "sigmoid" and method.label_smoothing > 0:
         problems.append("field 'method.label_smoothing': only defined for loss_type 'sigmoid' (cDPO)")
-    sharded = (cfg.train.model_extra or {}).get("deepspeed") or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true" \
-        or os.environ.get("ACCELERATE_USE_FSDP") == "true"
-    if method.precompute_ref_logps and sharded:
-        problems.append("field 'method.precompute_ref_logps': not supported with DeepSpeed/FSDP (the policy is "
-                        "sharded before a reference pass could run); keep a reference copy or use LoRA")
     return problems

@@ -24,7 +24,6 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from alignkit.config import ConfigError, RunConfig, common_checks, dump_config, preference_checks  # noqa: F401 (re-exported)
 from alignkit.data.io import atomic_write_text
-from alignkit.losses import mask_dpo_loss
 
 log = logging.getLogger(__name__)
 COMPLETE_MARKER = "COMPLETE"
@@ -177,14 +176,17 @@ def finish_run(trainer: Trainer, tokenizer, run_dir: Path, extra: dict | None = 
 # ---------------------------------------------------------------- preference trainer
 
 
-def pair_stats(lp, w, comp, cr, rr) -> dict[str, torch.Tensor]:
-    """Per-pair metric vectors ``[B]`` from the ``[2B, T]`` token tensors and per-pair rewards."""
-    b = lp.size(0) // 2
-    kept = (w * comp).sum(-1) / comp.sum(-1).clamp(min=1)
+def pair_stats(pw, pc, seq_tokens, seq_weight, cr, rr) -> dict[str, torch.Tensor]:
+    """Per-pair metric vectors ``[B]`` from per-sequence ``[2B]`` sums and per-pair rewards.
+
+    ``pw``/``pc``: weighted / unweighted completion log-prob sums; ``seq_tokens``: completion
+    tokens per sequence; ``seq_weight``: their summed weights (the kept share of a Mask-DPO mask)."""
+    b = pw.size(0) // 2
+    kept = seq_weight / seq_tokens.clamp(min=1)
     return {
         "rewards/chosen": cr, "rewards/rejected": rr,
         "rewards/accuracies": (cr > rr).float(), "rewards/margins": cr - rr,
-        "logps/chosen": (lp[:b] * comp[:b]).sum(-1), "logps/rejected": (lp[b:] * comp[b:]).sum(-1),
+        "logps/chosen": pc[:b], "logps/rejected": pc[b:],
         "mask/chosen_masked_frac": 1 - kept[:b], "mask/rejected_masked_frac": 1 - kept[b:],
     }
 
@@ -203,23 +205,44 @@ def accumulate_pair_stats(acc: dict[str, tuple[float, int]], stats: dict[str, to
         acc[k] = (total + g.sum().item(), count + g.numel())
 
 
+def preference_collator(pad_token_id: int, packed: bool, attn_implementation: str | None):
+    """The default batch layout: packed rows with a shared prompt where the attention kernel
+    takes a 4D mask (sdpa, eager), packed separate sequences where it only reads
+    ``position_ids`` (flash-attention varlen), right padding when ``packed`` is off."""
+    from alignkit.data import PackedPreferenceCollator, PreferenceCollator
+
+    if not packed:
+        return PreferenceCollator(pad_token_id)
+    return PackedPreferenceCollator(pad_token_id, shared_prompt=(attn_implementation or "sdpa") in ("sdpa", "eager"))
+
+
 class PreferenceTrainer(Trainer):
     """DPO-family trainer over ``transformers.Trainer`` public hooks.
 
     Why not ``trl.DPOTrainer``: since TRL v0.29 it re-tokenises the dataset inside
     ``__init__`` (``_prepare_dataset``) with no public opt-out, which would throw away
-    the exact character-span token weights Mask-DPO needs. Everything else follows
-    TRL's layout: one forward over ``[chosen; rejected]`` (2B rows), a multiplicative
-    completion mask, reference = adapter-disabled policy under LoRA or a frozen copy,
-    reference forwards under ``no_grad``, loss scaled by gradient-accumulation steps.
-    The loss is :func:`alignkit.losses.mask_dpo_loss`, which *is* sigmoid DPO when the
-    weights equal the completion mask.
+    the exact character-span token weights Mask-DPO needs. The layout follows TRL's:
+    one forward over ``[chosen; rejected]``, reference = adapter-disabled policy under
+    LoRA or a frozen copy, reference under ``no_grad``, loss scaled by accumulation steps.
+
+    The forward reads the collator's *targets* (:mod:`alignkit.data.collate`): only
+    positions that predict a completion token reach the LM head (``logits_to_keep``),
+    and per-sequence sums are one ``index_add`` — identical for padded and packed
+    batches. The loss is sigmoid/IPO/hinge DPO on the weighted sums
+    (:func:`alignkit.losses.dpo_loss`), which is :func:`alignkit.losses.mask_dpo_loss`
+    (mask_dpo.md §2: policy and reference masked identically).
+
+    Reference log-probs: with ``precompute_ref=True`` one no-grad pass before training
+    fills a per-pair table (and the on-disk cache, see :class:`ReferenceCache`); no
+    reference copy is kept. Otherwise they are computed live next to every policy forward.
     """
 
     def __init__(self, *args, ref_model=None, beta: float = 0.1, loss_type: str = "sigmoid",
-                 label_smoothing: float = 0.0, **kwargs):
+                 label_smoothing: float = 0.0, precompute_ref: bool = False, ref_cache=None,
+                 logps_chunk_size: int = 1024, **kwargs):
         super().__init__(*args, **kwargs)
         self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
+        self.logps_chunk_size = logps_chunk_size
         # Our loss is a per-pair mean; let Trainer divide by GA steps (trl#2615).
         self.model_accepts_loss_kwargs = False
         self.ref_model = ref_model
@@ -230,51 +253,92 @@ class PreferenceTrainer(Trainer):
                 self.ref_model = prepare_deepspeed(ref_model, self.accelerator)
             else:
                 self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
+        self.precompute_ref, self.ref_cache = precompute_ref, ref_cache
+        # split ("train"/"eval") -> [N, 2] float32 (chosen, rejected) weighted reference sums by pair_index.
+        self.ref_tables: dict[str, torch.Tensor] = {}
+        self.timings: dict[str, float | str] = {}
+        self._keeps_logits: dict[type, bool] = {}
         # mode -> metric -> (sum over pairs, number of pairs) since the last log.
         self._stats: dict[str, dict[str, tuple[float, int]]] = {"train": {}, "eval": {}}
 
-    # Per-token log-probs aligned with input tokens: lp[:, t] = log p(x_t | x_<t), lp[:, 0] = 0.
-    def _token_logps(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        from alignkit.data import unpack
-        from alignkit.losses import token_logps
+    # ---- forward
+
+    def _accepts_logits_to_keep(self, model) -> bool:
+        import inspect
+
+        base = self.accelerator.unwrap_model(model)
+        base = base.get_base_model() if hasattr(base, "get_base_model") else base
+        t = type(base)
+        if t not in self._keeps_logits:
+            self._keeps_logits[t] = "logits_to_keep" in inspect.signature(t.forward).parameters
+        return self._keeps_logits[t]
+
+    def sequence_logps(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weighted and unweighted completion log-prob sums, ``[2B]`` each (chosen then rejected)."""
+        from alignkit.losses import sequence_sums, target_logps
 
         kw = {"input_ids": inputs["input_ids"], "use_cache": False}
-        if "position_ids" in inputs:  # padding-free: no attention mask, packed sequences
+        if "position_ids" in inputs:
             kw["position_ids"] = inputs["position_ids"]
+        mask = inputs.get("attention_mask")
+        if mask is not None:
+            if mask.dim() == 4 and mask.dtype == torch.bool and _attn_impl(model) == "eager":
+                # eager attention adds the mask to the scores: turn "may attend" into 0 / -inf.
+                dtype = next(self.accelerator.unwrap_model(model).parameters()).dtype
+                mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+            kw["attention_mask"] = mask
+        keep = inputs["keep"]
+        if self._accepts_logits_to_keep(model):
+            kw["logits_to_keep"] = keep  # the LM head runs on completion-predicting positions only
+            logits = model(**kw).logits
+            logits = logits.reshape(-1, logits.size(-1))
         else:
-            kw["attention_mask"] = inputs["attention_mask"]
-        logits = model(**kw).logits
-        labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
-        lp = token_logps(logits, labels)
-        lp = torch.cat([lp.new_zeros(lp.size(0), 1), lp], dim=1)
-        w, comp = inputs["loss_weights"], inputs["completion_mask"]
-        if "seq_lens" in inputs:
-            lp, w, comp = (unpack(x, inputs["seq_lens"]) for x in (lp, w, comp))
-        return lp, w, comp
+            logits = model(**kw).logits[keep]
+        lp = target_logps(logits, inputs["tgt_flat"], inputs["tgt_ids"], self.logps_chunk_size)
+        n = inputs["seq_tokens"].numel()
+        return (sequence_sums(lp * inputs["tgt_w"].to(lp), inputs["tgt_seq"], n),
+                sequence_sums(lp, inputs["tgt_seq"], n))
 
-    def _ref_token_logps(self, model, inputs) -> torch.Tensor:
-        with torch.no_grad():
-            if self.ref_model is not None:
-                return self._token_logps(self.ref_model, inputs)[0]
-            unwrapped = self.accelerator.unwrap_model(model)
-            if hasattr(unwrapped, "disable_adapter"):
-                with unwrapped.disable_adapter():
-                    return self._token_logps(model, inputs)[0]
-            raise RuntimeError("no reference: pass ref_model, use LoRA, or precompute reference log-probs")
+    @torch.no_grad()
+    def live_reference_logps(self, model, inputs) -> torch.Tensor:
+        """Weighted reference sums ``[2B]``: the ref model, else the policy with its adapter
+        disabled, else (only before the first optimiser step) the policy itself."""
+        if self.ref_model is not None:
+            return self.sequence_logps(self.ref_model, inputs)[0]
+        unwrapped = self.accelerator.unwrap_model(model)
+        if hasattr(unwrapped, "disable_adapter"):
+            with unwrapped.disable_adapter():
+                return self.sequence_logps(model, inputs)[0]
+        if self.state.global_step == 0:
+            return self.sequence_logps(model, inputs)[0]
+        raise RuntimeError("no reference: pass ref_model, use LoRA, or precompute reference log-probs")
+
+    def _reference_logps(self, model, inputs, mode: str) -> torch.Tensor:
+        if "ref_chosen_logps" in inputs:  # reference sums carried by the dataset itself
+            return torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]]).float()
+        table = self.ref_tables.get(mode)
+        if table is not None and "pair_index" in inputs:
+            t = table.to(inputs["pair_index"].device)[inputs["pair_index"]]
+            return torch.cat([t[:, 0], t[:, 1]])
+        return self.live_reference_logps(model, inputs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        from alignkit.losses import dpo_loss
+
         mode = "train" if model.training else "eval"
-        lp, w, comp = self._token_logps(model, inputs)
-        b = lp.size(0) // 2
-        if "ref_chosen_logps" in inputs:  # precomputed reference sums (same weights)
-            losses, cr, rr = self._loss_from_sums(lp, w, b, inputs["ref_chosen_logps"], inputs["ref_rejected_logps"])
-        else:
-            ref = self._ref_token_logps(model, inputs)
-            losses, cr, rr = mask_dpo_loss(lp[:b], lp[b:], ref[:b], ref[b:], w[:b], w[b:], beta=self.beta,
-                                           label_smoothing=self.label_smoothing, loss_type=self.loss_type)
+        pw, pc = self.sequence_logps(model, inputs)
+        ref = self._reference_logps(model, inputs, mode).to(pw)
+        b = pw.numel() // 2
+        pol_c, pol_r, ref_c, ref_r = pw[:b], pw[b:], ref[:b], ref[b:]
+        if self.loss_type == "ipo":  # mask_dpo.md §2: average over unmasked tokens
+            n = inputs["seq_weight"].to(pw).clamp(min=1)
+            pol_c, ref_c, pol_r, ref_r = pol_c / n[:b], ref_c / n[:b], pol_r / n[b:], ref_r / n[b:]
+        losses, cr, rr = dpo_loss(pol_c, pol_r, ref_c, ref_r, beta=self.beta, label_smoothing=self.label_smoothing,
+                                  loss_type=self.loss_type)
         loss = losses.mean()
         with torch.no_grad():
-            accumulate_pair_stats(self._stats[mode], pair_stats(lp, w, comp, cr, rr), self._gather_pairs)
+            stats = pair_stats(pw, pc, inputs["seq_tokens"].to(pw), inputs["seq_weight"].to(pw), cr, rr)
+            accumulate_pair_stats(self._stats[mode], stats, self._gather_pairs)
         return (loss, {"losses": losses}) if return_outputs else loss
 
     def _gather_pairs(self, v: torch.Tensor) -> torch.Tensor:
@@ -286,16 +350,6 @@ class PreferenceTrainer(Trainer):
         if self.model.training and not self.accelerator.gradient_state.sync_gradients:
             return self.accelerator.gather(v)
         return self.accelerator.gather_for_metrics(v)
-
-    def _loss_from_sums(self, lp, w, b, ref_chosen, ref_rejected):
-        from alignkit.losses import dpo_loss
-
-        pc, pr = (lp[:b] * w[:b]).sum(-1), (lp[b:] * w[b:]).sum(-1)
-        rc, rr = ref_chosen.to(pc), ref_rejected.to(pr)
-        if self.loss_type == "ipo":  # mask_dpo.md §2: average over unmasked tokens
-            nc, nr = w[:b].sum(-1).clamp(min=1), w[b:].sum(-1).clamp(min=1)
-            pc, rc, pr, rr = pc / nc, rc / nc, pr / nr, rr / nr
-        return dpo_loss(pc, pr, rc, rr, beta=self.beta, label_smoothing=self.label_smoothing, loss_type=self.loss_type)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
@@ -312,38 +366,141 @@ class PreferenceTrainer(Trainer):
         self._stats[mode].clear()
         super().log(logs, start_time)
 
+    # ---- reference pass
+
+    def train(self, *args, **kwargs):
+        if self.precompute_ref:
+            self.prepare_reference()
+        return super().train(*args, **kwargs)
+
+    def evaluate(self, *args, **kwargs):
+        if self.precompute_ref and "eval" not in self.ref_tables and self.state.global_step == 0:
+            self.prepare_reference(splits=("eval",))
+        return super().evaluate(*args, **kwargs)
+
+    def prepare_reference(self, splits=("train", "eval")) -> None:
+        """Fill ``ref_tables`` from the on-disk cache, or by one no-grad pass.
+
+        Runs before ``Trainer.train`` loads a checkpoint or takes a step, so the policy
+        still *is* the reference when no ref model or adapter is there. The pass uses
+        the plain (not yet wrapped) model: under DeepSpeed ZeRO-2/3 and FSDP alignkit
+        loads full weights on every rank and the launcher shards them only inside
+        ``train()``, which is why this works where TRL's precompute crashes (trl#6403).
+        Each rank scores a strided shard and the shards are all-gathered."""
+        import time
+
+        t0 = time.perf_counter()
+        for split in splits:
+            ds = self.train_dataset if split == "train" else self.eval_dataset
+            if ds is None or split in self.ref_tables:
+                continue
+            if "pair_index" not in ds.column_names:  # the table is looked up by row
+                ds = ds.add_column("pair_index", list(range(len(ds))))
+                setattr(self, f"{split}_dataset", ds)
+            if any(hasattr(p, "ds_id") for p in self.model.parameters()):
+                raise RuntimeError("precomputed reference log-probs need the full weights before training, but the "
+                                   "model was loaded already partitioned by deepspeed.zero.Init (a ZeRO-3 config "
+                                   "was active when it loaded); load it before creating TrainingArguments")
+            key = self.ref_cache.key(ds) if self.ref_cache is not None else None
+            table = self.ref_cache.load(key, len(ds)) if key else None
+            self.timings[f"ref_logps_{split}_cache"] = "hit" if table is not None else ("miss" if key else "off")
+            if table is None:
+                table = self._reference_pass(ds)
+                if key and self.is_world_process_zero():
+                    self.ref_cache.save(key, table)
+            self.ref_tables[split] = table
+        if "train" in self.ref_tables and self.ref_model is not None:
+            self.ref_model = None  # the table replaces it: free its memory for training
+        self.timings["ref_logps_s"] = round(self.timings.get("ref_logps_s", 0.0) + time.perf_counter() - t0, 3)
+
     @torch.no_grad()
-    def precompute_reference(self, dataset, batch_size: int = 8):
-        """Add ``ref_chosen_logps``/``ref_rejected_logps`` columns (masked sums) in one pass.
+    def _reference_pass(self, dataset) -> torch.Tensor:
+        import torch.distributed as dist
 
-        Must run before the first optimiser step (the policy *is* the reference then,
-        unless a ref model or adapter is present). Frees the reference model afterwards.
-        """
-        from torch.utils.data import DataLoader
-
-        model = self.model
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        rank = dist.get_rank() if world > 1 else 0
+        model, bs, dev = self.model, self.args.per_device_eval_batch_size, self.args.device
+        was_training = model.training
         model.eval()
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=self.data_collator)
-        chosen, rejected = [], []
-        dev = self.args.device
-        for batch in loader:
-            batch = {k: v.to(dev) for k, v in batch.items()}
-            if self.ref_model is not None or hasattr(self.accelerator.unwrap_model(model), "disable_adapter"):
-                lp = self._ref_token_logps(model, batch)
-            else:
-                lp = self._token_logps(model, batch)[0]
-            w = batch["loss_weights"] if "seq_lens" not in batch else None
-            if w is None:
-                from alignkit.data import unpack
+        mine = list(range(rank, len(dataset), world))
+        out: list[tuple[int, float, float]] = []
+        for i in range(0, len(mine), bs):
+            rows = [dataset[j] for j in mine[i:i + bs]]
+            batch = {k: v.to(dev) for k, v in self.data_collator(rows).items()}
+            sums = self.live_reference_logps(model, batch).float().cpu()
+            b = len(rows)
+            out += [(int(j), float(c), float(r)) for j, c, r in zip(batch["pair_index"].tolist(), sums[:b], sums[b:])]
+        if world > 1:
+            parts: list = [None] * world
+            dist.all_gather_object(parts, out)
+            out = [x for part in parts for x in part]
+        model.train(was_training)
+        table = torch.full((len(dataset), 2), float("nan"))
+        for j, c, r in out:
+            table[j, 0], table[j, 1] = c, r
+        if torch.isnan(table).any():
+            raise RuntimeError("reference pass: some pairs got no reference log-probs (pair_index must be 0..N-1)")
+        return table
 
-                w = unpack(batch["loss_weights"], batch["seq_lens"])
-            sums = (lp * w).sum(-1).float().cpu()
-            b = sums.numel() // 2
-            chosen += sums[:b].tolist()
-            rejected += sums[b:].tolist()
-        model.train()
-        self.ref_model = None
-        return dataset.add_column("ref_chosen_logps", chosen).add_column("ref_rejected_logps", rejected)
+
+def _attn_impl(model) -> str | None:
+    cfg = getattr(model, "config", None) or getattr(getattr(model, "module", None), "config", None)
+    return getattr(cfg, "_attn_implementation", None)
+
+
+class ReferenceCache:
+    """Reference log-prob tables on disk, keyed by (tokenised data + weights, reference model).
+
+    A second run, a resumed run or a hyperparameter sweep over β / loss type / learning
+    rate (none of which change the reference sums) reuses the table instead of running
+    the reference pass again (trl#3985). ``model_key`` must describe the reference's
+    weights and numerics (see :func:`reference_model_key`); the data part is a digest of
+    every pair's token ids and per-token weights in ``pair_index`` order, so any change
+    to the data, tokenizer, template, truncation or Mask-DPO masks is a miss."""
+
+    VERSION = 1
+
+    def __init__(self, root: str | Path, model_key: str):
+        self.root, self.model_key = Path(root), model_key
+
+    def key(self, dataset) -> str:
+        import hashlib
+
+        h = hashlib.sha256(f"v{self.VERSION}|{self.model_key}|{len(dataset)}".encode())
+        cols = ["pair_index", "prompt_ids", "chosen_ids", "rejected_ids", "chosen_weights", "rejected_weights"]
+        for row in dataset.select_columns(cols).iter(batch_size=1024):
+            h.update(json.dumps([row[c] for c in cols]).encode())
+        return h.hexdigest()[:32]
+
+    def load(self, key: str, n: int) -> torch.Tensor | None:
+        path = self.root / f"{key}.pt"
+        if not path.exists():
+            return None
+        table = torch.load(path, weights_only=True)
+        return table if tuple(table.shape) == (n, 2) else None
+
+    def save(self, key: str, table: torch.Tensor) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f".{key}.{os.getpid()}.tmp"
+        torch.save(table.contiguous(), tmp)
+        os.replace(tmp, self.root / f"{key}.pt")
+
+
+def reference_model_key(model_cfg) -> str:
+    """What fixes the reference's log-probs: the weights (a content fingerprint of a local
+    directory, or hub id @ revision), dtype, quantisation and attention kernel. LoRA
+    settings are left out: the reference is the base model with the adapter disabled."""
+    from alignkit.models import resolve_path
+    from alignkit.sampling import source_fingerprint
+
+    fp = source_fingerprint(resolve_path(model_cfg.name_or_path), model_cfg.revision)
+    q = model_cfg.quantization.model_dump(mode="json") if model_cfg.quantization is not None else None
+    return json.dumps({"weights": fp, "dtype": model_cfg.dtype, "quantization": q,
+                       "attn": model_cfg.attn_implementation}, sort_keys=True)
+
+
+def reference_cache_root() -> Path:
+    return Path(os.environ.get("ALIGNKIT_CACHE", Path.home() / ".cache" / "alignkit")).expanduser() / "ref_logps"
 
 
 # ---------------------------------------------------------------- shared recipe flows
@@ -392,7 +549,7 @@ def train_sft_rows(cfg: RunConfig, tok, train_tok: list[dict], eval_tok: list[di
 
     args = training_arguments(
         # Lengths are already enforced by data.length_policy; TRL must not truncate again.
-        cfg, run_dir, cls=SFTConfig, max_length=None, padding_free=cfg.data.padding_free,
+        cfg, run_dir, cls=SFTConfig, max_length=None, padding_free=bool(cfg.data.padding_free),
         completion_only_loss=completion_only_loss, dataset_num_proc=None,
     )
     trainer = SFTTrainer(
@@ -440,12 +597,15 @@ def run_eval_after_training(cfg: RunConfig, run_dir: Path, trainer: Trainer, tok
 def train_preference(cfg: RunConfig, method, rows: list[dict], eval_rows: list[dict] | None,
                      weight_fn=None, callbacks=()) -> Path:
     """Tokenise preference rows (with optional per-token weights) and run PreferenceTrainer."""
+    import time
+
     from datasets import Dataset
     from transformers import set_seed
 
-    from alignkit.data import PaddingFreePreferenceCollator, PreferenceCollator, tokenize_rows
+    from alignkit.data import tokenize_rows
     from alignkit.models import load_model, load_reference, load_tokenizer
 
+    t0 = time.perf_counter()
     d = cfg.data
     tok = load_tokenizer(cfg.model)
     src = d.train.path
@@ -455,6 +615,7 @@ def train_preference(cfg: RunConfig, method, rows: list[dict], eval_rows: list[d
     if eval_rows:
         eval_tok, _ = tokenize_rows("preference", eval_rows, tok, d.eval.path, d.max_length, d.length_policy,
                                     weight_fn, d.max_errors)
+    tokenize_s = time.perf_counter() - t0
     run_dir, resume = prepare_run_dir(cfg)
     if is_main_process():
         atomic_write_text(run_dir / "data_report.json", json.dumps(report.as_dict(), indent=2))
@@ -462,24 +623,27 @@ def train_preference(cfg: RunConfig, method, rows: list[dict], eval_rows: list[d
     model = load_model(cfg.model)
     # Before the reference copy is taken, so policy and reference forwards are the same function at step 1.
     apply_disable_dropout(cfg, model, default=True)
+    # With precomputed reference sums the policy itself (or the adapter-disabled base) is the reference of
+    # the one pass before training, so no frozen copy is ever made.
     ref = None if method.precompute_ref_logps else load_reference(cfg.model, model)
-    collator = (PaddingFreePreferenceCollator(tok.pad_token_id) if d.padding_free
-                else PreferenceCollator(tok.pad_token_id))
+    collator = preference_collator(tok.pad_token_id, d.padding_free is not False, _attn_impl(model))
     args = training_arguments(cfg, run_dir, remove_unused_columns=False)
     resume_step = checkpoint_step(resume)
+    cache = (ReferenceCache(reference_cache_root(), reference_model_key(cfg.model))
+             if method.precompute_ref_logps and method.ref_logps_cache else None)
+
+    def dataset(toks):
+        return Dataset.from_list([{**t, "pair_index": i} for i, t in enumerate(toks)])
+
     trainer = PreferenceTrainer(
         model=model, ref_model=ref, args=args, data_collator=collator,
-        train_dataset=Dataset.from_list(train_tok), eval_dataset=Dataset.from_list(eval_tok) if eval_tok else None,
+        train_dataset=dataset(train_tok), eval_dataset=dataset(eval_tok) if eval_tok else None,
         processing_class=tok, callbacks=[RunLogCallback(run_dir, resume_step), *callbacks],
         beta=method.beta, loss_type=method.loss_type, label_smoothing=method.label_smoothing,
+        precompute_ref=method.precompute_ref_logps, ref_cache=cache, logps_chunk_size=method.logps_chunk_size,
     )
-    if method.precompute_ref_logps:
-        if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
-            raise ConfigError("field 'method.precompute_ref_logps': not supported under DeepSpeed/FSDP launches")
-        trainer.train_dataset = trainer.precompute_reference(trainer.train_dataset, args.per_device_eval_batch_size)
-        if trainer.eval_dataset is not None:
-            trainer.eval_dataset = trainer.precompute_reference(trainer.eval_dataset, args.per_device_eval_batch_size)
     trainer.train(resume_from_checkpoint=resume)
-    finish_run(trainer, tok, run_dir, {"data": report.as_dict()})
+    timings = {"tokenize_s": round(tokenize_s, 3), **trainer.timings}
+    finish_run(trainer, tok, run_dir, {"data": report.as_dict(), "timings": timings})
     run_eval_after_training(cfg, run_dir, trainer, tok)
     return run_dir

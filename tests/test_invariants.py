@@ -33,8 +33,8 @@ def test_grad_accumulation_equivalence(tiny_random_model_dir, toy_data, tmp_path
 
 
 def test_precomputed_reference_matches_live_reference(tiny_random_model_dir, toy_data, tmp_path):
-    a = _run(tmp_path, "live", tiny_random_model_dir, toy_data["pref"], "mask_dpo")
-    b = _run(tmp_path, "pre", tiny_random_model_dir, toy_data["pref"], "mask_dpo", method={"precompute_ref_logps": True})
+    a = _run(tmp_path, "live", tiny_random_model_dir, toy_data["pref"], "mask_dpo", method={"precompute_ref_logps": False})
+    b = _run(tmp_path, "pre", tiny_random_model_dir, toy_data["pref"], "mask_dpo")  # the default
     assert _steps(a) == pytest.approx(_steps(b), abs=1e-5)
     assert _steps(a, "rewards/margins") == pytest.approx(_steps(b, "rewards/margins"), abs=1e-5)
 
@@ -42,6 +42,6 @@ def test_precomputed_reference_matches_live_reference(tiny_random_model_dir, toy
 @pytest.mark.parametrize("recipe", ["mask_dpo", "sft"])
 def test_padding_free_matches_padded(tiny_random_model_dir, toy_data, tmp_path, recipe):
     data = toy_data["sft" if recipe == "sft" else "pref"]
-    a = _run(tmp_path, "pad", tiny_random_model_dir, data, recipe)
+    a = _run(tmp_path, "pad", tiny_random_model_dir, data, recipe, data={"padding_free": False})
     b = _run(tmp_path, "free", tiny_random_model_dir, data, recipe, data={"padding_free": True})
     assert _steps(a) == pytest.approx(_steps(b), abs=1e-4)

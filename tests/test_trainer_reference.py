@@ -101,12 +101,12 @@ def policy_and_ref(tiny_random_model_dir):
     return policy, ref, tok
 
 
-@pytest.mark.parametrize("padding_free", [False, True])
+@pytest.mark.parametrize("layout", ["padded", "packed_shared_prompt", "packed_sequences"])
 @pytest.mark.parametrize("recipe", ["dpo", "mask_dpo"])
-def test_compute_loss_matches_naive_reference(policy_and_ref, tmp_path, recipe, padding_free):
+def test_compute_loss_matches_naive_reference(policy_and_ref, tmp_path, recipe, layout):
     from transformers import TrainingArguments
 
-    from alignkit.data import PaddingFreePreferenceCollator, PreferenceCollator, tokenize_rows, validate_rows
+    from alignkit.data import PackedPreferenceCollator, PreferenceCollator, tokenize_rows, validate_rows
     from alignkit.recipes.mask_dpo import Method, weights_for
     from alignkit.training import PreferenceTrainer
 
@@ -115,7 +115,8 @@ def test_compute_loss_matches_naive_reference(policy_and_ref, tmp_path, recipe, 
     rows = validate_rows("preference", list(enumerate(ROWS, start=1)), "mem")
     toks, _ = tokenize_rows("preference", rows, tok, "mem", max_length=None,
                             weight_fn=weights_for(Method()) if masked else None)
-    collator = (PaddingFreePreferenceCollator if padding_free else PreferenceCollator)(tok.pad_token_id)
+    collator = (PreferenceCollator(tok.pad_token_id) if layout == "padded"
+                else PackedPreferenceCollator(tok.pad_token_id, shared_prompt=layout == "packed_shared_prompt"))
     args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, remove_unused_columns=False)
     trainer = PreferenceTrainer(model=policy, ref_model=copy.deepcopy(ref), args=args, data_collator=collator,
                                 processing_class=tok, beta=BETA)

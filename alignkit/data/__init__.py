@@ -14,7 +14,7 @@ from alignkit.data.tokenize import DataReport, encode, render, span_weights, tok
 
 # The collators need torch; everything else here is plain Python, so `alignkit validate`
 # and `--help` import this package without paying for torch (PEP 562 lazy attributes).
-_LAZY = {"PaddingFreePreferenceCollator": "collate", "PreferenceCollator": "collate", "unpack": "collate"}
+_LAZY = {"PackedPreferenceCollator": "collate", "PreferenceCollator": "collate", "tree_attention_mask": "collate"}
 
 
 def __getattr__(name: str):
@@ -41,8 +41,8 @@ def load_rows(source, kind: str, max_errors: int = 20, system_prompt: str | None
 
 
 __all__ = [
-    "KINDS", "DataError", "atomic_write_text", "DataReport", "IssueCollector", "PaddingFreePreferenceCollator", "PreferenceCollator",
+    "KINDS", "DataError", "atomic_write_text", "DataReport", "IssueCollector", "PackedPreferenceCollator", "PreferenceCollator",
     "RowIssue", "encode", "get_splitter", "load_rows", "read_rows", "register_splitter", "render",
-    "span_weights", "split_sentences", "split_spans", "tokenize_rows", "unpack", "validate_rows",
+    "span_weights", "split_sentences", "split_spans", "tokenize_rows", "tree_attention_mask", "validate_rows",
     "write_jsonl_atomic",
 ]

@@ -1,11 +1,31 @@
-"""Collators: padded (right padding) and padding-free (packed with position_ids).
+"""Preference collators: padded (the plain reference path) and packed (the default fast path).
 
-Preference batches are laid out as in TRL and torchtune — one forward pass over
-2B rows::
+Both describe a batch of B pairs the same way to the trainer: the model inputs, plus a
+flat list of *targets*, one per completion token of each of the 2B sequences (chosen
+sequences 0..B-1, then rejected B..2B-1, TRL's order)::
 
-    input_ids      [c_1 .. c_B, r_1 .. r_B]   (chosen rows, then rejected rows)
-    completion_mask 0 on prompt/padding, 1 on completion tokens
-    loss_weights   per-token weights on completion tokens (Mask-DPO masks; else = completion_mask)
+    keep       [R, L] bool   positions whose next-token logits are needed (logits_to_keep)
+    tgt_flat   [N]           index of the predicting position among the kept ones (row-major)
+    tgt_ids    [N]           the completion token being predicted
+    tgt_w      [N]           its loss weight (Mask-DPO masks; 1 for plain DPO)
+    tgt_seq    [N]           which of the 2B sequences it belongs to
+    seq_tokens, seq_weight [2B]  completion tokens scored per sequence, and their summed weight
+    pair_index [B]           the pairs' rows in the dataset (reference log-prob tables)
+
+so per-sequence sums ``Σ_t w_t log p(y_t | ...)`` are one ``index_add`` over targets,
+whatever the layout. Only completion positions reach the LM head (``keep``).
+
+Packing (:class:`PackedPreferenceCollator`). Each pair becomes one unit
+``[prompt, chosen, rejected]``: the prompt is stored and computed *once*; a 4D mask lets
+chosen tokens attend to the prompt and earlier chosen tokens, and rejected tokens to the
+prompt and earlier rejected tokens, with ``position_ids`` continuing from the prompt on
+both branches — so every completion token sees exactly the context it has in its own
+padded row (RoPE depends only on position ids). Units are bin-packed (first-fit
+decreasing) into rows as long as the longest unit, which keeps the quadratic attention
+cost near ``Σ L_i²`` instead of the ``(Σ L_i)²`` of packing everything into one row.
+Flash-attention kernels take no 4D mask; ``shared_prompt=False`` packs
+``[prompt, chosen]`` and ``[prompt, rejected]`` as separate sequences marked only by
+``position_ids`` restarting at 0 (transformers turns that into varlen attention).
 """
 
 from __future__ import annotations
@@ -25,19 +45,72 @@ def _pad(seqs: list[list], value, dtype, multiple: int | None = None) -> torch.T
     return out
 
 
+class _Targets:
+    """Accumulates completion-token targets; ``add`` takes the row positions of one sequence."""
+
+    def __init__(self) -> None:
+        self.row: list[int] = []
+        self.pos: list[int] = []
+        self.ids: list[int] = []
+        self.w: list[float] = []
+        self.seq: list[int] = []
+
+    def add(self, seq: int, row: int, pred_positions: list[int], ids: list[int], weights: list[float]) -> None:
+        for p, t, w in zip(pred_positions, ids, weights):
+            if p < 0:  # a completion token at sequence position 0 has no context to be predicted from
+                continue
+            self.row.append(row)
+            self.pos.append(p)
+            self.ids.append(t)
+            self.w.append(float(w))
+            self.seq.append(seq)
+
+    def tensors(self, shape: tuple[int, int], num_seqs: int) -> dict[str, torch.Tensor]:
+        row, pos = torch.tensor(self.row, dtype=torch.long), torch.tensor(self.pos, dtype=torch.long)
+        seq, w = torch.tensor(self.seq, dtype=torch.long), torch.tensor(self.w, dtype=torch.float32)
+        keep = torch.zeros(shape, dtype=torch.bool)
+        keep[row, pos] = True
+        # Rank of each kept position in row-major order = its index in the model's flattened kept logits.
+        rank = keep.flatten().long().cumsum(0) - 1
+        return {
+            "keep": keep,
+            "tgt_flat": rank[row * shape[1] + pos],
+            "tgt_ids": torch.tensor(self.ids, dtype=torch.long),
+            "tgt_w": w,
+            "tgt_seq": seq,
+            # Per sequence: completion tokens scored, and their summed weight (IPO's length, the kept share).
+            "seq_tokens": torch.zeros(num_seqs).index_add(0, seq, torch.ones(len(self.seq))),
+            "seq_weight": torch.zeros(num_seqs).index_add(0, seq, w),
+        }
+
+
+def _with_reference(batch: dict, examples: list[dict]) -> dict:
+    if "pair_index" in examples[0]:
+        batch["pair_index"] = torch.tensor([ex["pair_index"] for ex in examples], dtype=torch.long)
+    if "ref_chosen_logps" in examples[0]:  # a dataset that carries its own reference sums (TRL's column names)
+        batch["ref_chosen_logps"] = torch.tensor([ex["ref_chosen_logps"] for ex in examples])
+        batch["ref_rejected_logps"] = torch.tensor([ex["ref_rejected_logps"] for ex in examples])
+    return batch
+
+
 @dataclass
 class PreferenceCollator:
+    """Right-padded ``[chosen_1..B; rejected_1..B]`` rows with a 2D attention mask (TRL's layout)."""
+
     pad_token_id: int
     pad_to_multiple_of: int | None = None
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         ids, comp, weights = [], [], []
-        for side in ("chosen", "rejected"):
-            for ex in examples:
-                p, c = list(ex["prompt_ids"]), list(ex[f"{side}_ids"])
+        tg = _Targets()
+        b = len(examples)
+        for s, side in enumerate(("chosen", "rejected")):
+            for i, ex in enumerate(examples):
+                p, c, w = list(ex["prompt_ids"]), list(ex[f"{side}_ids"]), list(ex[f"{side}_weights"])
                 ids.append(p + c)
                 comp.append([0] * len(p) + [1] * len(c))
-                weights.append([0.0] * len(p) + list(ex[f"{side}_weights"]))
+                weights.append([0.0] * len(p) + w)
+                tg.add(s * b + i, s * b + i, [len(p) + j - 1 for j in range(len(c))], c, w)
         m = self.pad_to_multiple_of
         batch = {
             "input_ids": _pad(ids, self.pad_token_id, torch.long, m),
@@ -45,51 +118,93 @@ class PreferenceCollator:
             "completion_mask": _pad(comp, 0, torch.long, m),
             "loss_weights": _pad(weights, 0.0, torch.float32, m),
         }
-        if "ref_chosen_logps" in examples[0]:
-            batch["ref_chosen_logps"] = torch.tensor([ex["ref_chosen_logps"] for ex in examples])
-            batch["ref_rejected_logps"] = torch.tensor([ex["ref_rejected_logps"] for ex in examples])
-        return batch
+        batch.update(tg.tensors(tuple(batch["input_ids"].shape), 2 * b))
+        return _with_reference(batch, examples)
 
 
 @dataclass
-class PaddingFreePreferenceCollator:
-    """Packs all 2B sequences into one row; ``position_ids`` restart at 0 per sequence.
-
-    transformers detects packed sequences from ``position_ids`` and builds a
-    block-diagonal causal mask (sdpa/eager) or uses varlen kernels (flash-attention),
-    so no pad token is ever computed. ``seq_lens`` lets the trainer unpack per-token
-    log-probs back into ``[2B, T]``.
-    """
+class PackedPreferenceCollator:
+    """Padding-free rows (see the module docstring); ``shared_prompt`` needs an sdpa/eager model."""
 
     pad_token_id: int
+    shared_prompt: bool = True
+
+    def _units(self, examples: list[dict]) -> list[tuple[int, tuple[str, ...]]]:
+        if self.shared_prompt:
+            return [(i, ("chosen", "rejected")) for i in range(len(examples))]
+        return [(i, (side,)) for side in ("chosen", "rejected") for i in range(len(examples))]
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        ids, comp, weights, pos, lens = [], [], [], [], []
-        for side in ("chosen", "rejected"):
-            for ex in examples:
-                p, c = list(ex["prompt_ids"]), list(ex[f"{side}_ids"])
-                ids += p + c
-                comp += [0] * len(p) + [1] * len(c)
-                weights += [0.0] * len(p) + list(ex[f"{side}_weights"])
-                pos += list(range(len(p) + len(c)))
-                lens.append(len(p) + len(c))
-        batch = {
-            "input_ids": torch.tensor([ids]),
-            "position_ids": torch.tensor([pos]),
-            "completion_mask": torch.tensor([comp]),
-            "loss_weights": torch.tensor([weights], dtype=torch.float32),
-            "seq_lens": torch.tensor(lens),
-        }
-        if "ref_chosen_logps" in examples[0]:
-            batch["ref_chosen_logps"] = torch.tensor([ex["ref_chosen_logps"] for ex in examples])
-            batch["ref_rejected_logps"] = torch.tensor([ex["ref_rejected_logps"] for ex in examples])
-        return batch
+        b = len(examples)
+        units = self._units(examples)
+
+        def length(u):
+            ex = examples[u[0]]
+            return len(ex["prompt_ids"]) + sum(len(ex[f"{s}_ids"]) for s in u[1])
+
+        cap = max(length(u) for u in units)
+        rows: list[list[tuple[int, tuple[str, ...]]]] = []
+        free: list[int] = []
+        for u in sorted(units, key=length, reverse=True):  # first-fit decreasing
+            n = length(u)
+            slot = next((r for r, f in enumerate(free) if f >= n), None)
+            if slot is None:
+                rows.append([])
+                free.append(cap)
+                slot = len(rows) - 1
+            rows[slot].append(u)
+            free[slot] -= n
+
+        shape = (len(rows), cap)
+        input_ids = torch.full(shape, self.pad_token_id, dtype=torch.long)
+        position_ids = torch.zeros(shape, dtype=torch.long)
+        # Per token: the unit it belongs to and its branch (0 prompt, 1 chosen, 2 rejected), for the 4D mask.
+        group = torch.full(shape, -1, dtype=torch.long)
+        branch = torch.zeros(shape, dtype=torch.long)
+        tg = _Targets()
+        gid = 0
+        for r, row in enumerate(rows):
+            at = 0
+            for i, sides in row:
+                ex = examples[i]
+                p = list(ex["prompt_ids"])
+                input_ids[r, at:at + len(p)] = torch.tensor(p, dtype=torch.long)
+                position_ids[r, at:at + len(p)] = torch.arange(len(p))
+                group[r, at:at + len(p)] = gid
+                last_prompt = at + len(p) - 1
+                at += len(p)
+                for side in sides:
+                    c, w = list(ex[f"{side}_ids"]), list(ex[f"{side}_weights"])
+                    s = 0 if side == "chosen" else 1
+                    input_ids[r, at:at + len(c)] = torch.tensor(c, dtype=torch.long)
+                    position_ids[r, at:at + len(c)] = torch.arange(len(p), len(p) + len(c))
+                    group[r, at:at + len(c)] = gid
+                    branch[r, at:at + len(c)] = 1 + s
+                    # Token j is predicted from the token before it on its own branch: the last prompt
+                    # token for j = 0 (shared by both branches), else the previous completion token.
+                    pred = [last_prompt if j == 0 else at + j - 1 for j in range(len(c))]
+                    if not p:
+                        pred[0] = -1
+                    tg.add(s * b + i, r, pred, c, w)
+                    at += len(c)
+                gid += 1
+            # Row tail: padding, each token its own sequence (restarting position ids).
+            position_ids[r, at:] = 0
+        batch = {"input_ids": input_ids, "position_ids": position_ids}
+        if self.shared_prompt:
+            batch["attention_mask"] = tree_attention_mask(group, branch)
+        batch.update(tg.tensors(shape, 2 * b))
+        return _with_reference(batch, examples)
 
 
-def unpack(packed: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
-    """``[1, sum(L)]`` -> ``[N, max(L)]`` right-padded with zeros."""
-    rows = torch.split(packed[0], seq_lens.tolist())
-    out = packed.new_zeros((len(rows), int(seq_lens.max())))
-    for i, r in enumerate(rows):
-        out[i, : r.numel()] = r
-    return out
+def tree_attention_mask(group: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+    """``[R, 1, L, L]`` bool, True = may attend: causal, within a unit, and never across
+    branches (chosen <-> rejected); prompt tokens are visible to both. Padding (group -1)
+    attends only to itself, so no softmax row is empty."""
+    r, n = group.shape
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    same_unit = group[:, :, None] == group[:, None, :]
+    branch_ok = (branch[:, None, :] == 0) | (branch[:, :, None] == branch[:, None, :])
+    pad = (group < 0)[:, :, None]
+    eye = torch.eye(n, dtype=torch.bool)
+    return torch.where(pad, eye, same_unit & branch_ok & causal).unsqueeze(1)

@@ -6,7 +6,7 @@
 
 from alignkit.losses.dpo import LOSS_TYPES, dpo_loss, mask_dpo_loss
 from alignkit.losses.emd import EMD_REDUCTIONS, emd_lower_bound, normalized_embeddings, semantic_emd
-from alignkit.losses.logps import IGNORE_INDEX, sequence_logps, token_logps
+from alignkit.losses.logps import IGNORE_INDEX, sequence_logps, sequence_sums, target_logps, token_logps
 from alignkit.losses.unsafe import UNSAFE_REDUCTIONS, gradient_ascent_loss, unlikelihood_loss
 
 __all__ = [
@@ -19,6 +19,8 @@ __all__ = [
     "normalized_embeddings",
     "semantic_emd",
     "sequence_logps",
+    "sequence_sums",
+    "target_logps",
     "token_logps",
     "UNSAFE_REDUCTIONS",
     "gradient_ascent_loss",

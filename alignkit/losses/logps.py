@@ -73,3 +73,23 @@ def reduce_positions(per_pos: torch.Tensor, valid: torch.Tensor, reduction: str)
     counts = valid.sum(-1)
     has = counts > 0
     return (per_pos.sum(-1) / counts.clamp(min=1) * has).sum() / has.sum().clamp(min=1)
+
+
+def target_logps(logits: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
+    """``log p(ids[n] | ·)`` read from ``logits[rows[n]]``, ``[N]`` in float32.
+
+    ``logits`` ``[K, V]`` holds only the positions that predict a completion token (the
+    model's ``logits_to_keep``); several targets may share a row (a shared prompt's last
+    token predicts both completions' first tokens). The float32 log-normaliser is taken
+    ``chunk_size`` rows at a time, so a bf16 model never holds ``[K, V]`` float32 logits
+    at once; each row's normaliser is computed once however many targets read it.
+    """
+    lse = torch.cat([torch.logsumexp(logits[i:i + chunk_size].float(), dim=-1)
+                     for i in range(0, logits.size(0), chunk_size)]) if logits.size(0) else logits.new_zeros(0)
+    picked = logits[rows, ids].float()
+    return picked - lse[rows]
+
+
+def sequence_sums(values: torch.Tensor, seq: torch.Tensor, num_seqs: int) -> torch.Tensor:
+    """Per-sequence sums ``[num_seqs]`` of per-target ``values`` ``[N]`` (``seq`` = owner)."""
+    return values.new_zeros(num_seqs).index_add(0, seq, values)

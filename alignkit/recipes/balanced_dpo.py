@@ -30,7 +30,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from alignkit.config import LoraConfig, RunConfig, Strict, preference_checks
+from alignkit.config import LoraConfig, PreferenceOptions, RunConfig, Strict, preference_checks
 from alignkit.stages import code_digest, rank0_first
 
 log = logging.getLogger(__name__)
@@ -117,7 +117,7 @@ class SFTConfig(Strict):
                                 "different DPO balance share one SFT stage")
 
 
-class Method(Strict):
+class Method(PreferenceOptions):
     data_format: Literal["seeds", "pairs"] = Field("seeds", description="seeds: build pairs; pairs: §3 triplets")
     seed_split: str | None = Field("train", description="seeds with a 'split' column: keep this split only")
     holdout_fold: int | None = Field(0, ge=0, le=2, description="leave prompts of this fold (dualuse fold_of) "
@@ -135,10 +135,6 @@ class Method(Strict):
     sft_train_on_prompt: bool = Field(False, description="SFT loss on prompt tokens too (paper parity, §9.8)")
     sft: SFTConfig = Field(default_factory=SFTConfig)
     stop_after: Literal["sft", "dpo"] = Field("dpo", description="sft: evaluate the SFT model (the SFT baseline)")
-    beta: float = Field(0.1, gt=0)
-    loss_type: Literal["sigmoid", "hinge", "ipo"] = "sigmoid"
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
-    precompute_ref_logps: bool = False
     stage_dir: str | None = None
 
     @model_validator(mode="after")

@@ -8,22 +8,16 @@ only in their masks, the comparison of Mask-DPO's Table 2 (68.44 vs 77.53).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
-from pydantic import Field
-
-from alignkit.config import RunConfig, preference_checks
+from alignkit.config import PreferenceOptions, RunConfig, preference_checks
 from alignkit.pairs import PairsConfig, resolve_train_pairs
 
 NAME = "dpo"
 DATA_KIND = "preference"
 
 
-class Method(PairsConfig):
-    beta: float = Field(0.1, gt=0)
-    loss_type: Literal["sigmoid", "hinge", "ipo"] = "sigmoid"
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
-    precompute_ref_logps: bool = Field(False, description="one reference pass before training; no ref copy kept")
+class Method(PairsConfig, PreferenceOptions):
+    pass
 
 
 def check_config(cfg: RunConfig, method: Method) -> list[str]:

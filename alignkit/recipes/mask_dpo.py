@@ -21,9 +21,7 @@ import logging
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
-
-from alignkit.config import RunConfig, preference_checks
+from alignkit.config import PreferenceOptions, RunConfig, preference_checks
 from alignkit.pairs import PairsConfig, resolve_train_pairs
 
 log = logging.getLogger(__name__)
@@ -62,11 +60,7 @@ DEMO = {
 }
 
 
-class Method(PairsConfig):
-    beta: float = Field(0.1, gt=0)
-    loss_type: Literal["sigmoid", "hinge", "ipo"] = "sigmoid"
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
-    precompute_ref_logps: bool = False
+class Method(PairsConfig, PreferenceOptions):
     # Open in the paper (mask_dpo.md §11): config options, defaults from the spec.
     nofact_policy: Literal["no_hallucination", "mask_both"] = "no_hallucination"
     on_mask_mismatch: Literal["raise", "drop", "fallback_unmasked"] = "raise"

@@ -7,14 +7,13 @@ import torch
 
 from alignkit.data import (
     DataError,
-    PaddingFreePreferenceCollator,
+    PackedPreferenceCollator,
     PreferenceCollator,
     encode,
     render,
     span_weights,
     split_spans,
     tokenize_rows,
-    unpack,
     validate_rows,
 )
 from alignkit.losses import IGNORE_INDEX, token_logps
@@ -302,22 +301,45 @@ def test_preference_collator_pad_multiple_and_ref_logps():
     assert b["ref_chosen_logps"].tolist() == [-1.0, -3.0] and b["ref_rejected_logps"].tolist() == [-2.0, -4.0]
 
 
-def test_padding_free_collator_and_unpack_round_trip():
+def _targets_by_seq(b):
+    """(seq, predicting (row, pos), token, weight) tuples, sorted: layout-independent content."""
+    keep = b["keep"].nonzero().tolist()
+    return sorted((int(s), tuple(keep[f]), int(t), float(w)) for s, f, t, w in
+                  zip(b["tgt_seq"], b["tgt_flat"], b["tgt_ids"], b["tgt_w"]))
+
+
+def test_collator_targets_cover_every_completion_token_once():
     ex = _examples()
-    padded = PreferenceCollator(pad_token_id=0)(ex)
-    packed = PaddingFreePreferenceCollator(pad_token_id=0)(ex)
-    assert packed["input_ids"].shape == (1, 5 + 4 + 7 + 2)
-    assert packed["seq_lens"].tolist() == [5, 4, 7, 2]
-    assert packed["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 6, 0, 1]]
-    assert "attention_mask" not in packed
-    for key in ("input_ids", "completion_mask", "loss_weights"):
-        up = unpack(packed[key], packed["seq_lens"])
-        want = padded[key] * padded["attention_mask"] if key == "input_ids" else padded[key]
-        assert up.shape == padded[key].shape
-        assert torch.equal(up, want.to(up.dtype)), key
+    for b in (PreferenceCollator(0)(ex), PackedPreferenceCollator(0)(ex), PackedPreferenceCollator(0, False)(ex)):
+        t = _targets_by_seq(b)
+        # chosen 0, chosen 1, rejected 0, rejected 1 hold 2, 3, 4, 1 completion tokens
+        assert [sum(1 for x in t if x[0] == s) for s in range(4)] == [2, 3, 4, 1]
+        assert b["seq_tokens"].tolist() == [2, 3, 4, 1]
+        assert b["seq_weight"].tolist() == [1.0, 2.0, 2.5, 1.0]
+    padded = PreferenceCollator(0)(ex)
+    for _, (row, pos), token, _ in _targets_by_seq(padded):  # the token follows its predicting position
+        assert padded["input_ids"][row, pos + 1].item() == token
 
 
-def test_padding_free_forward_matches_padded_forward(tok, model):
+def test_packed_collator_shares_the_prompt_and_bin_packs():
+    ex = _examples()
+    b = PackedPreferenceCollator(pad_token_id=0)(ex)
+    # units [p, c, r]: 3 + 2 + 4 = 9 and 1 + 3 + 1 = 5 tokens; rows as long as the longest unit
+    assert b["input_ids"].shape == (2, 9)
+    assert b["input_ids"][0].tolist() == [5, 6, 7, 10, 11, 20, 21, 22, 23]
+    assert b["position_ids"][0].tolist() == [0, 1, 2, 3, 4, 3, 4, 5, 6]  # rejected continues from the prompt
+    m = b["attention_mask"][0, 0]
+    assert m[5, :3].all() and not m[5, 3:5].any() and m[5, 5]  # rejected sees the prompt, not chosen
+    assert not m[3, 5:].any()  # chosen never sees rejected (causal)
+    assert b["attention_mask"][1, 0, 6:, :].equal(torch.eye(9, dtype=torch.bool)[6:])  # padding: itself only
+    seq = PackedPreferenceCollator(pad_token_id=0, shared_prompt=False)(ex)
+    assert "attention_mask" not in seq and seq["input_ids"].shape[1] == 7
+
+
+@pytest.mark.parametrize("shared_prompt", [True, False])
+def test_packed_and_padded_give_the_same_per_sequence_logps(tok, model, shared_prompt):
+    from alignkit.losses import sequence_sums, target_logps
+
     rows = _rows("preference", [
         {"prompt": "Tell me about Tarnia.", "chosen": TWO, "rejected": "It is a small place."},
         {"prompt": "Who paid?", "chosen": TRICKY, "rejected": "Nobody. Ever."},
@@ -327,30 +349,23 @@ def test_padding_free_forward_matches_padded_forward(tok, model):
     for e in ex:  # non-trivial weights
         e["chosen_weights"] = [float(i % 2) for i in range(len(e["chosen_ids"]))]
     padded = PreferenceCollator(pad_token_id=tok.pad_token_id)(ex)
-    packed = PaddingFreePreferenceCollator(pad_token_id=tok.pad_token_id)(ex)
+    packed = PackedPreferenceCollator(pad_token_id=tok.pad_token_id, shared_prompt=shared_prompt)(ex)
 
+    def sums(b, **kw):
+        kw = {k: b[k] for k in ("attention_mask", "position_ids") if k in b} | kw
+        with torch.no_grad():
+            logits = model(input_ids=b["input_ids"], use_cache=False, **kw).logits[b["keep"]]
+        lp = target_logps(logits, b["tgt_flat"], b["tgt_ids"])
+        return sequence_sums(lp * b["tgt_w"], b["tgt_seq"], 6), sequence_sums(lp, b["tgt_seq"], 6)
+
+    # the plain reference: full padded logits, token_logps, masks
     with torch.no_grad():
-        logits = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"],
-                       use_cache=False).logits
-        labels = padded["input_ids"].masked_fill(padded["completion_mask"] == 0, IGNORE_INDEX)
-        per_tok = token_logps(logits, labels)
-        want_sum = per_tok.sum(-1)
-        want_w = (per_tok * padded["loss_weights"][:, 1:]).sum(-1)
-
-        plogits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
-                        use_cache=False).logits
-        plabels = packed["input_ids"].masked_fill(packed["completion_mask"] == 0, IGNORE_INDEX)
-        ptok = token_logps(plogits, plabels)  # [1, N-1], position t holds the log-prob of label t+1
-        aligned = torch.cat([ptok.new_zeros(1, 1), ptok], dim=1)  # aligned with labels
-        per_seq = unpack(aligned, packed["seq_lens"])
-        got_sum = per_seq.sum(-1)
-        got_w = (per_seq * unpack(packed["loss_weights"], packed["seq_lens"])).sum(-1)
-
-    assert got_sum.shape == (6,)
-    torch.testing.assert_close(got_sum, want_sum, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(got_w, want_w, atol=1e-5, rtol=1e-5)
-    # sanity: without position_ids the packed forward would attend across sequences and differ
-    with torch.no_grad():
-        leaky = model(input_ids=packed["input_ids"], use_cache=False).logits
-    leaky_seq = unpack(torch.cat([ptok.new_zeros(1, 1), token_logps(leaky, plabels)], 1), packed["seq_lens"]).sum(-1)
-    assert not torch.allclose(leaky_seq[1:], want_sum[1:], atol=1e-3)
+        logits = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"], use_cache=False).logits
+    per_tok = token_logps(logits, padded["input_ids"].masked_fill(padded["completion_mask"] == 0, IGNORE_INDEX))
+    want_sum, want_w = per_tok.sum(-1), (per_tok * padded["loss_weights"][:, 1:]).sum(-1)
+    for got_w, got_sum in (sums(padded), sums(packed)):
+        torch.testing.assert_close(got_sum, want_sum, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got_w, want_w, atol=1e-5, rtol=1e-5)
+    # sanity: the mask / position ids are what keeps sequences apart — without them the packed forward differs
+    leak = {"attention_mask": None} if shared_prompt else {"position_ids": None}
+    assert not torch.allclose(sums(packed, **leak)[1], want_sum, atol=1e-3)
