@@ -181,7 +181,11 @@ def _run_world(s: int) -> tuple[dict, list[tuple[str, float]]]:
 
 
 def _run_item(item: tuple, out_dir: Path) -> tuple[tuple, dict, list[tuple[str, float]]]:
-    res, timings = _run_world(item[1]) if item[0] == "world" else _run_section(*item[1:4], out_dir=out_dir)
+    if item[0] == "world":
+        res, timings = _run_world(item[1])
+    else:
+        _, s, name, first = item
+        res, timings = _run_section(s, name, out_dir, first)
     return item, res, timings
 
 

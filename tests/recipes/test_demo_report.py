@@ -86,6 +86,19 @@ def test_demo_worker_pool_runs_parts_in_spawned_processes(tiny_world_dir, tmp_pa
     assert "2 worker processes" in text and "| seed 0: tiny world (build or cache) |" in text
 
 
+def test_run_item_passes_a_section_its_seed_name_dir_and_first_flag(monkeypatch, tmp_path):
+    """The worker entry point unpacks ("section", seed, name, first) items: a positional slip
+    here broke every section of `make demo --jobs 2` once (out_dir given twice)."""
+    import alignkit.demo as demo
+
+    calls = []
+    monkeypatch.setattr(demo, "_run_section", lambda s, name, out_dir, first=True: calls.append(
+        (s, name, out_dir, first)) or ({}, []))
+    item = ("section", 2, "mask_dpo", False)
+    assert demo._run_item(item, tmp_path)[0] == item
+    assert calls == [(2, "mask_dpo", tmp_path, False)]
+
+
 def test_rows_run_on_the_first_seed_only_are_skipped_elsewhere(tmp_path):
     """DEMO["first_seed_only"]: on another seed the row has no records; a claim that needs
     it reads "not measured", the table and plots leave the row out."""
