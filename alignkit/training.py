@@ -205,15 +205,24 @@ def accumulate_pair_stats(acc: dict[str, tuple[float, int]], stats: dict[str, to
         acc[k] = (total + g.sum().item(), count + g.numel())
 
 
-def preference_collator(pad_token_id: int, packed: bool, attn_implementation: str | None):
-    """The default batch layout: packed rows with a shared prompt where the attention kernel
-    takes a 4D mask (sdpa, eager), packed separate sequences where it only reads
-    ``position_ids`` (flash-attention varlen), right padding when ``packed`` is off."""
+def preference_collator(pad_token_id: int, packed: bool, model_config=None):
+    """The default batch layout: packed rows; where the attention kernel takes a 4D mask (sdpa,
+    eager), each batch shares the prompt or not, whichever the FLOP estimate says is cheaper;
+    flash-attention (``position_ids`` only) gets separate sequences; right padding when
+    ``packed`` is off."""
     from alignkit.data import PackedPreferenceCollator, PreferenceCollator
+    from alignkit.data.collate import attention_cost_ratio
 
     if not packed:
         return PreferenceCollator(pad_token_id)
-    return PackedPreferenceCollator(pad_token_id, shared_prompt=(attn_implementation or "sdpa") in ("sdpa", "eager"))
+    attn = getattr(model_config, "_attn_implementation", None) or "sdpa"
+    if attn not in ("sdpa", "eager"):
+        return PackedPreferenceCollator(pad_token_id, shared_prompt=False)
+    try:
+        cost = attention_cost_ratio(model_config)
+    except (AttributeError, TypeError, ZeroDivisionError):  # an unusual config: share the prompt always
+        return PackedPreferenceCollator(pad_token_id, shared_prompt=True)
+    return PackedPreferenceCollator(pad_token_id, shared_prompt=None, attention_cost=cost)
 
 
 class PreferenceTrainer(Trainer):
@@ -443,9 +452,12 @@ class PreferenceTrainer(Trainer):
         return table
 
 
+def _model_config(model):
+    return getattr(model, "config", None) or getattr(getattr(model, "module", None), "config", None)
+
+
 def _attn_impl(model) -> str | None:
-    cfg = getattr(model, "config", None) or getattr(getattr(model, "module", None), "config", None)
-    return getattr(cfg, "_attn_implementation", None)
+    return getattr(_model_config(model), "_attn_implementation", None)
 
 
 class ReferenceCache:
@@ -626,7 +638,7 @@ def train_preference(cfg: RunConfig, method, rows: list[dict], eval_rows: list[d
     # With precomputed reference sums the policy itself (or the adapter-disabled base) is the reference of
     # the one pass before training, so no frozen copy is ever made.
     ref = None if method.precompute_ref_logps else load_reference(cfg.model, model)
-    collator = preference_collator(tok.pad_token_id, d.padding_free is not False, _attn_impl(model))
+    collator = preference_collator(tok.pad_token_id, d.padding_free is not False, _model_config(model))
     args = training_arguments(cfg, run_dir, remove_unused_columns=False)
     resume_step = checkpoint_step(resume)
     cache = (ReferenceCache(reference_cache_root(), reference_model_key(cfg.model))

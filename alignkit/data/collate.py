@@ -23,9 +23,17 @@ both branches — so every completion token sees exactly the context it has in i
 padded row (RoPE depends only on position ids). Units are bin-packed (first-fit
 decreasing) into rows as long as the longest unit, which keeps the quadratic attention
 cost near ``Σ L_i²`` instead of the ``(Σ L_i)²`` of packing everything into one row.
-Flash-attention kernels take no 4D mask; ``shared_prompt=False`` packs
-``[prompt, chosen]`` and ``[prompt, rejected]`` as separate sequences marked only by
-``position_ids`` restarting at 0 (transformers turns that into varlen attention).
+``shared_prompt=False`` packs ``[prompt, chosen]`` and ``[prompt, rejected]`` as separate
+sequences marked only by ``position_ids`` restarting at 0 (transformers turns that into a
+block mask, or varlen attention under flash-attention, which takes no 4D mask).
+
+Which layout is cheaper depends on the batch: sdpa/eager attend over whole rows, so a
+batch costs about ``R · L · (1 + a · L)`` token-layer units for R rows of length L, where
+``a`` is the cost of one (query, key) pair relative to one token's linear layers
+(:func:`attention_cost_ratio`). Sharing the prompt saves prompt tokens but makes rows
+longer; with ``shared_prompt=None`` each batch takes the layout with the lower estimate
+(both are exact). Long fixed-length pairs favour separate sequences, short prompts
+with long-tailed completions either.
 """
 
 from __future__ import annotations
@@ -122,38 +130,62 @@ class PreferenceCollator:
         return _with_reference(batch, examples)
 
 
+def _bin_pack(examples: list[dict], shared: bool) -> tuple[list[list[tuple[int, tuple[str, ...]]]], int]:
+    """Units first-fit decreasing into rows as long as the longest unit: ``(rows, row length)``."""
+    if shared:
+        units = [(i, ("chosen", "rejected")) for i in range(len(examples))]
+    else:
+        units = [(i, (side,)) for side in ("chosen", "rejected") for i in range(len(examples))]
+
+    def length(u):
+        ex = examples[u[0]]
+        return len(ex["prompt_ids"]) + sum(len(ex[f"{s}_ids"]) for s in u[1])
+
+    cap = max(length(u) for u in units)
+    rows: list[list[tuple[int, tuple[str, ...]]]] = []
+    free: list[int] = []
+    for u in sorted(units, key=length, reverse=True):
+        n = length(u)
+        slot = next((r for r, f in enumerate(free) if f >= n), None)
+        if slot is None:
+            rows.append([])
+            free.append(cap)
+            slot = len(rows) - 1
+        rows[slot].append(u)
+        free[slot] -= n
+    return rows, cap
+
+
+def attention_cost_ratio(config) -> float:
+    """FLOPs of one (query, key) pair over one token's linear layers, per decoder layer, from a
+    transformers config: ``4·H_attn / 2·(q, k, v, o and MLP weights)``."""
+    h = config.hidden_size
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or h // heads
+    kv = (getattr(config, "num_key_value_heads", None) or heads) * head_dim
+    inter = getattr(config, "intermediate_size", None) or 4 * h
+    linear = 2 * (h * heads * head_dim * 2 + 2 * h * kv + 3 * h * inter)
+    return 4 * heads * head_dim / linear
+
+
 @dataclass
 class PackedPreferenceCollator:
-    """Padding-free rows (see the module docstring); ``shared_prompt`` needs an sdpa/eager model."""
+    """Padding-free rows (see the module docstring). ``shared_prompt``: True (needs an sdpa or
+    eager model: a 4D mask), False, or None = per batch, the cheaper by ``attention_cost``
+    (:func:`attention_cost_ratio` of the model)."""
 
     pad_token_id: int
-    shared_prompt: bool = True
-
-    def _units(self, examples: list[dict]) -> list[tuple[int, tuple[str, ...]]]:
-        if self.shared_prompt:
-            return [(i, ("chosen", "rejected")) for i in range(len(examples))]
-        return [(i, (side,)) for side in ("chosen", "rejected") for i in range(len(examples))]
+    shared_prompt: bool | None = True
+    attention_cost: float = 0.0
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         b = len(examples)
-        units = self._units(examples)
-
-        def length(u):
-            ex = examples[u[0]]
-            return len(ex["prompt_ids"]) + sum(len(ex[f"{s}_ids"]) for s in u[1])
-
-        cap = max(length(u) for u in units)
-        rows: list[list[tuple[int, tuple[str, ...]]]] = []
-        free: list[int] = []
-        for u in sorted(units, key=length, reverse=True):  # first-fit decreasing
-            n = length(u)
-            slot = next((r for r, f in enumerate(free) if f >= n), None)
-            if slot is None:
-                rows.append([])
-                free.append(cap)
-                slot = len(rows) - 1
-            rows[slot].append(u)
-            free[slot] -= n
+        if self.shared_prompt is None:
+            options = [(shared, *_bin_pack(examples, shared)) for shared in (True, False)]
+            shared, rows, cap = min(options, key=lambda o: len(o[1]) * o[2] * (1 + self.attention_cost * o[2]))
+        else:
+            shared = self.shared_prompt
+            rows, cap = _bin_pack(examples, shared)
 
         shape = (len(rows), cap)
         input_ids = torch.full(shape, self.pad_token_id, dtype=torch.long)
@@ -191,7 +223,7 @@ class PackedPreferenceCollator:
             # Row tail: padding, each token its own sequence (restarting position ids).
             position_ids[r, at:] = 0
         batch = {"input_ids": input_ids, "position_ids": position_ids}
-        if self.shared_prompt:
+        if shared:
             batch["attention_mask"] = tree_attention_mask(group, branch)
         batch.update(tg.tensors(shape, 2 * b))
         return _with_reference(batch, examples)

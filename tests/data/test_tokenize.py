@@ -336,7 +336,24 @@ def test_packed_collator_shares_the_prompt_and_bin_packs():
     assert "attention_mask" not in seq and seq["input_ids"].shape[1] == 7
 
 
-@pytest.mark.parametrize("shared_prompt", [True, False])
+def test_packed_collator_picks_the_cheaper_layout_per_batch():
+    from alignkit.data.collate import attention_cost_ratio
+
+    ex = [{"prompt_ids": [1, 2], "chosen_ids": list(range(3, 11)), "rejected_ids": list(range(11, 19)),
+           "chosen_weights": [1.0] * 8, "rejected_weights": [1.0] * 8} for _ in range(2)]
+    # shared: 2 rows x 18 tokens; separate: 4 rows x 10 tokens. Cost R * L * (1 + a * L).
+    cheap_attention = PackedPreferenceCollator(0, shared_prompt=None, attention_cost=0.0)(ex)
+    assert cheap_attention["input_ids"].shape == (2, 18) and "attention_mask" in cheap_attention
+    dear_attention = PackedPreferenceCollator(0, shared_prompt=None, attention_cost=1.0)(ex)
+    assert dear_attention["input_ids"].shape == (4, 10) and "attention_mask" not in dear_attention
+    from transformers import LlamaConfig
+
+    a = attention_cost_ratio(LlamaConfig(hidden_size=256, intermediate_size=688, num_attention_heads=4,
+                                         num_key_value_heads=4))
+    assert a == pytest.approx(4 * 256 / (2 * (2 * 256 * 256 + 2 * 256 * 256 + 3 * 256 * 688)))
+
+
+@pytest.mark.parametrize("shared_prompt", [True, False, None])
 def test_packed_and_padded_give_the_same_per_sequence_logps(tok, model, shared_prompt):
     from alignkit.losses import sequence_sums, target_logps
 
@@ -349,7 +366,8 @@ def test_packed_and_padded_give_the_same_per_sequence_logps(tok, model, shared_p
     for e in ex:  # non-trivial weights
         e["chosen_weights"] = [float(i % 2) for i in range(len(e["chosen_ids"]))]
     padded = PreferenceCollator(pad_token_id=tok.pad_token_id)(ex)
-    packed = PackedPreferenceCollator(pad_token_id=tok.pad_token_id, shared_prompt=shared_prompt)(ex)
+    packed = PackedPreferenceCollator(pad_token_id=tok.pad_token_id, shared_prompt=shared_prompt,
+                                      attention_cost=0.01)(ex)
 
     def sums(b, **kw):
         kw = {k: b[k] for k in ("attention_mask", "position_ids") if k in b} | kw
@@ -367,5 +385,5 @@ def test_packed_and_padded_give_the_same_per_sequence_logps(tok, model, shared_p
         torch.testing.assert_close(got_sum, want_sum, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(got_w, want_w, atol=1e-5, rtol=1e-5)
     # sanity: the mask / position ids are what keeps sequences apart — without them the packed forward differs
-    leak = {"attention_mask": None} if shared_prompt else {"position_ids": None}
+    leak = {"attention_mask": None} if "attention_mask" in packed else {"position_ids": None}
     assert not torch.allclose(sums(packed, **leak)[1], want_sum, atol=1e-3)
