@@ -9,7 +9,8 @@
     alignkit demo [--seed S] [--recipes ...]     the tiny-world demo of every recipe
     alignkit world build [--seed S] [--out DIR]  write the tiny world's datasets and model
     alignkit launch --accelerate-config NAME CONFIG [key=value ...]
-    alignkit serve MODEL_DIR [--port P]          OpenAI-compatible server for a local model
+    alignkit serve MODEL_DIR [--port P] [--model-name N] [--api-key-env VAR] [--max-new-tokens-cap N]
+                                                 OpenAI-compatible server for a local model
 """
 
 from __future__ import annotations
@@ -183,9 +184,9 @@ def cmd_launch(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from alignkit.serve import main as serve_main
+    from alignkit.serve import run
 
-    return serve_main([args.model, "--port", str(args.port), "--host", args.host]) or 0
+    return run(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -247,10 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*")
     s.set_defaults(fn=cmd_launch)
 
-    s = sub.add_parser("serve", help="OpenAI-compatible server for a local model")
-    s.add_argument("model")
-    s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--host", default="127.0.0.1")
+    from alignkit.serve import add_arguments as serve_arguments  # standard library only: cheap to import
+
+    s = sub.add_parser("serve", help="OpenAI-compatible server for a local model",
+                       description="Serve a local model over /v1/chat/completions, /v1/completions and /v1/models "
+                                   "(streaming, logprobs, usage; see README 'Generation backends').")
+    serve_arguments(s)
     s.set_defaults(fn=cmd_serve)
     return p
 

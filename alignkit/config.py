@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class _Loader(yaml.SafeLoader):
@@ -212,6 +212,52 @@ class EvalConfig(Strict):
         return self
 
 
+_OPENAI_ONLY = ("base_url", "model", "api_key_env", "fingerprint", "max_concurrency", "timeout_s", "max_retries")
+
+
+class GenerationConfig(Strict):
+    """The engine the prepare stages sample the base/policy model with (``alignkit.backends``):
+    pair sampling, unsafe-set generation, CRaFT's open-ended query, SE-abstention samples.
+    Evaluation of the trained model always runs locally."""
+
+    backend: Literal["hf", "openai", "vllm"] = "hf"
+    base_url: str | None = Field(None, validate_default=True,
+                                 description="openai: the server, e.g. http://127.0.0.1:8000/v1")
+    model: str | None = Field(None, validate_default=True,
+                              description="openai: the served model name (vllm serve --served-model-name)")
+    api_key_env: str | None = Field(None, description="openai: environment variable holding the API key")
+    fingerprint: str | None = Field(None, description="openai: the served weights' revision or digest, part of "
+                                                      "every cache key (remote weights cannot be hashed)")
+    max_concurrency: int = Field(16, ge=1, description="openai: requests in flight")
+    timeout_s: float = Field(300.0, gt=0, description="openai: per-request timeout (s)")
+    max_retries: int = Field(3, ge=0, description="openai: retries of 5xx / 429 / timeouts, with backoff")
+    vllm: dict[str, Any] = Field(default_factory=dict, description="vllm: extra vllm.LLM arguments "
+                                 "(tensor_parallel_size, gpu_memory_utilization, max_model_len, ...)")
+
+    @field_validator("base_url", "model")
+    @classmethod
+    def _openai_endpoint(cls, v, info):
+        if info.data.get("backend") == "openai":
+            if not v:
+                raise ValueError("required for backend 'openai': " + (
+                    "the server's URL, e.g. http://127.0.0.1:8000/v1" if info.field_name == "base_url"
+                    else "the served model name (GET /v1/models lists it)"))
+            if info.field_name == "base_url" and not v.startswith(("http://", "https://")):
+                raise ValueError("must start with http:// or https://")
+        return v
+
+    @model_validator(mode="after")
+    def _fits_backend(self):
+        if self.backend != "openai":
+            # Non-default values, not merely set ones: a dumped config (run dir) lists every field.
+            stray = [k for k in _OPENAI_ONLY if getattr(self, k) != type(self).model_fields[k].default]
+            if stray:
+                raise ValueError(f"{', '.join(stray)}: only used by backend 'openai' (backend is {self.backend!r})")
+        if self.vllm and self.backend != "vllm":
+            raise ValueError(f"vllm: only used by backend 'vllm' (backend is {self.backend!r})")
+        return self
+
+
 class RunConfig(Strict):
     recipe: str
     seed: int = 0
@@ -222,6 +268,7 @@ class RunConfig(Strict):
     method: dict[str, Any] = Field(default_factory=dict)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
 
     def method_config(self) -> BaseModel:
         """The ``method`` section validated by the recipe's own schema."""

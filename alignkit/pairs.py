@@ -115,26 +115,25 @@ def _judge_prompt(messages: list[dict]) -> str:
 
 
 def stage_sample(cfg: RunConfig, p: PairsConfig, prompts_path: str) -> Path:
-    from alignkit.models import resolve_path
-    from alignkit.sampling import source_fingerprint
+    from alignkit.backends import sampler_fingerprint
 
     d = cfg.data
     m = cfg.model
-    # Everything that changes the samples: the model (weights, revision, dtype), the
-    # prompts as rendered (file, columns, limit, system prompt), decoding and batching
-    # (per-batch seeds, sampling.py).
-    key = {"model": source_fingerprint(resolve_path(m.name_or_path), m.revision), "revision": m.revision,
+    # Everything that changes the samples: the model (weights, revision, dtype) or the engine
+    # serving it (cfg.generation), the prompts as rendered (file, columns, limit, system prompt),
+    # decoding and batching (per-batch seeds, sampling.py).
+    key = {"model": sampler_fingerprint(cfg), "revision": m.revision,
            "dtype": m.dtype, "prompts": file_digest(prompts_path), "format": d.train.format,
            "split": d.train.split, "columns": d.train.columns, "system_prompt": d.system_prompt,
            "limit": d.train.limit, "n": p.gen_num_samples, "temperature": p.gen_temperature, "top_p": p.gen_top_p,
            "max_new_tokens": p.gen_max_new_tokens, "batch_size": p.gen_batch_size, "seed": cfg.seed, "v": 2}
 
     def fn():
-        from alignkit.models import load_for_sampling
+        from alignkit.backends import load_sampler
         from alignkit.sampling import generate
 
         rows = load_prompts(cfg, prompts_path)
-        model, tok = load_for_sampling(m)
+        model, tok = load_sampler(cfg, p.stage_dir)
         outs, cut = generate(model, tok, [r["prompt"] for r in rows], n=p.gen_num_samples,
                              temperature=p.gen_temperature, top_p=p.gen_top_p, max_new_tokens=p.gen_max_new_tokens,
                              batch_size=p.gen_batch_size, seed=cfg.seed, return_truncated=True)

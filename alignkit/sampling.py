@@ -2,7 +2,10 @@
 
 Every recipe that samples from a policy (Mask-DPO's on-policy responses, CRaFT's
 knowledge queries, SE-abstention's M samples, jailbreak evaluation) goes through
-:func:`generate`, so decoding, seeding and caching behave the same everywhere.
+:func:`generate`, so decoding, seeding and caching behave the same everywhere — also
+when the model is a generation backend (:mod:`alignkit.backends`: an OpenAI-compatible
+endpoint or vLLM) instead of a loaded HF model. :func:`sample_tokens` is the same
+decoding loop with per-token detail, for ``alignkit serve``.
 
 Determinism: each batch runs under its own torch RNG seeded from ``(seed, batch
 index)`` inside :func:`torch.random.fork_rng`, so the caller's global RNG is left alone
@@ -10,9 +13,10 @@ and a batch's samples do not depend on what ran before it. Changing ``batch_size
 changes the batches and therefore the samples.
 
 Caching: with ``cache_dir`` set, each batch's result is stored as one JSON file keyed
-by sha256 of (model fingerprint, rendered prompts, sampling parameters, batch seed),
-written atomically. A re-run only generates the batches that are missing, so an
-interrupted long run resumes where it stopped.
+by sha256 of (model fingerprint, rendered prompts — message lists for an endpoint —,
+sampling parameters, batch seed), written atomically as the batch completes. A re-run
+only generates the batches that are missing, so an interrupted long run resumes where
+it stopped.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 Prompt = str | list[dict[str, Any]]
 
@@ -163,51 +167,149 @@ def source_fingerprint(name_or_path: str, revision: str | None = None) -> str:
 _HUB_ID = re.compile(r"[\w][\w.-]*(/[\w][\w.-]*)?")
 
 
-class _LogprobRecorder:
-    """Logits processor that accumulates the log-prob of each sampled token.
+class TokenSample(NamedTuple):
+    """One generated sequence with per-token detail (:func:`sample_tokens`, ``alignkit serve``)."""
 
-    HF applies custom processors before the temperature / top-k / top-p warpers, so
-    ``scores`` here are the model's own logits. At step t the token chosen at step t-1
-    is the last input id, so only one step's distribution is kept (O(batch x vocab)
-    memory instead of storing every step's logits).
+    token_ids: list[int]  # the new tokens, the end token included when one was produced
+    logprobs: list[float] | None  # log-prob of each token in token_ids (when asked for)
+    top_logprobs: list[list[tuple[int, float]]] | None  # the k most likely (token, log-prob) at each position
+    finish: str  # "eos" (an end token), "length" (max_new_tokens), "stop" (on_step stopped it)
+
+
+class _StepScores:
+    """Logits processor that keeps the current step's log-softmax.
+
+    HF runs custom processors before the temperature / top-k / top-p warpers, so
+    ``scores`` here are the model's own logits (divided by ``temperature`` only when the
+    caller asks for the sampling distribution). One step is kept: O(batch x vocab).
     """
 
-    def __init__(self, eos_ids: list[int], temperature: float) -> None:
-        self.eos = eos_ids
+    def __init__(self, temperature: float) -> None:
         self.temperature = temperature
-        self.prev = None
-        self.total = None
-        self.count = None
-        self.done = None
-
-    def _take(self, tokens: Any) -> None:
-        import torch
-
-        lp = self.prev.gather(1, tokens[:, None]).squeeze(1)
-        active = ~self.done
-        self.total += torch.where(active, lp, torch.zeros_like(lp))
-        self.count += active.long()
-        self.done |= torch.isin(tokens, torch.tensor(self.eos, device=tokens.device))
+        self.lp = None
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
         import torch
 
-        if self.prev is None:
-            n = scores.shape[0]
-            self.total = torch.zeros(n, dtype=torch.float64, device=scores.device)
-            self.count = torch.zeros(n, dtype=torch.long, device=scores.device)
-            self.done = torch.zeros(n, dtype=torch.bool, device=scores.device)
-        else:
-            self._take(input_ids[:, -1])
-        self.prev = torch.log_softmax(scores.float() / self.temperature, dim=-1).double()
+        self.lp = torch.log_softmax(scores.float() / self.temperature, dim=-1)
         return scores
 
-    def finish(self, sequences: Any) -> tuple[list[float], list[int]]:
-        if self.prev is None:  # nothing generated
-            n = sequences.shape[0]
-            return [0.0] * n, [0] * n
-        self._take(sequences[:, -1])
-        return self.total.tolist(), self.count.tolist()
+
+class _StepWatch:
+    """Stopping criterion that sees each new token right after it is chosen.
+
+    It records every live row's token (and, with a :class:`_StepScores`, the token's
+    log-prob and the top-k alternatives), marks rows that produced an end token, and
+    lets ``on_step(rows, watch)`` stop rows early (stop strings, a client that hung up).
+    Rows that finish are padded by HF afterwards; those pads are ignored here.
+    """
+
+    def __init__(self, n_rows: int, eos_ids: list[int], scores: _StepScores | None, top_k: int,
+                 on_step: Any = None) -> None:
+        self.eos = set(eos_ids)
+        self.scores = scores
+        self.top_k = top_k
+        self.on_step = on_step
+        self.tokens: list[list[int]] = [[] for _ in range(n_rows)]
+        self.logprobs: list[list[float]] | None = [[] for _ in range(n_rows)] if scores is not None else None
+        self.tops: list[list[list[tuple[int, float]]]] | None = \
+            [[] for _ in range(n_rows)] if scores is not None and top_k > 0 else None
+        self.finish: list[str | None] = [None] * n_rows
+
+    def __call__(self, input_ids: Any, scores: Any = None, **kwargs: Any) -> Any:
+        import torch
+
+        tok = input_ids[:, -1]
+        chosen = top_v = top_i = None
+        if self.scores is not None:
+            chosen = self.scores.lp.gather(1, tok[:, None]).squeeze(1).tolist()
+            if self.tops is not None:
+                v, i = self.scores.lp.topk(self.top_k, dim=-1)
+                top_v, top_i = v.tolist(), i.tolist()
+        live = []
+        for r, t in enumerate(tok.tolist()):
+            if self.finish[r] is not None:
+                continue
+            self.tokens[r].append(t)
+            if chosen is not None:
+                self.logprobs[r].append(chosen[r])
+            if top_v is not None:
+                self.tops[r].append(list(zip(top_i[r], top_v[r])))
+            if t in self.eos:
+                self.finish[r] = "eos"
+            live.append(r)
+        if self.on_step is not None and live:
+            for r in self.on_step(live, self) or ():
+                if self.finish[r] is None:
+                    self.finish[r] = "stop"
+        return torch.tensor([f == "stop" for f in self.finish], dtype=torch.bool, device=input_ids.device)
+
+    def samples(self) -> list[TokenSample]:
+        return [TokenSample(self.tokens[r], self.logprobs[r] if self.logprobs is not None else None,
+                            self.tops[r] if self.tops is not None else None, self.finish[r] or "length")
+                for r in range(len(self.tokens))]
+
+
+def _decode(model: Any, enc: Any, *, n: int, greedy: bool, temperature: float, top_p: float, top_k: int,
+            max_new_tokens: int, seed: int, eos_ids: list[int], pad_id: int | None,
+            lp_temperature: float | None = None, top_logprobs: int = 0, on_step: Any = None) -> list[TokenSample]:
+    """One ``model.generate`` call on a tokenised batch under its own RNG seed; one
+    :class:`TokenSample` per output row (prompt-major: prompt i's samples are rows
+    ``i*per .. i*per+per-1`` with ``per = 1 if greedy else n``)."""
+    import torch
+    from transformers import LogitsProcessorList, StoppingCriteriaList
+
+    kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "use_cache": True, "eos_token_id": eos_ids,
+                              "pad_token_id": pad_id}
+    if greedy:
+        kwargs.update(do_sample=False, num_return_sequences=1, temperature=None, top_p=None, top_k=None)
+    else:
+        kwargs.update(do_sample=True, num_return_sequences=n, temperature=temperature, top_p=top_p, top_k=top_k)
+    scores = _StepScores(lp_temperature) if lp_temperature is not None else None
+    if scores is not None:
+        kwargs["logits_processor"] = LogitsProcessorList([scores])
+    rows = enc["input_ids"].shape[0] * (1 if greedy else n)
+    watch = _StepWatch(rows, eos_ids, scores, top_logprobs, on_step)
+    kwargs["stopping_criteria"] = StoppingCriteriaList([watch])
+    device = enc["input_ids"].device
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.inference_mode():
+        torch.manual_seed(seed)
+        model.generate(**enc, **kwargs)
+    return watch.samples()
+
+
+def sample_tokens(model: Any, tokenizer: Any, prompt_ids: Sequence[int], *, n: int = 1, greedy: bool = False,
+                  temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, max_new_tokens: int = 128,
+                  seed: int = 0, logprobs: bool = False, top_logprobs: int = 0,
+                  on_step: Any = None) -> list[TokenSample]:
+    """``n`` samples of one tokenised prompt with per-token detail (``alignkit serve``).
+
+    Seeded like batch 0 of :func:`generate` with the same ``seed``, so one prompt sampled
+    here and through ``generate(..., batch_size=1)`` gives the same tokens. Log-probs are
+    under the model's own distribution (temperature 1, no top-k/top-p truncation).
+    ``greedy`` with ``n > 1`` decodes ``n`` identical rows (a streaming client sees each).
+    ``on_step(rows, watch)`` runs after every token with the rows that just got one
+    (``watch.tokens[r]``, ``watch.logprobs[r]``, ``watch.tops[r]``); the rows it returns
+    stop (finish ``"stop"``).
+    """
+    import torch
+
+    device = next(model.parameters()).device
+    ids = torch.tensor([list(prompt_ids)] * (n if greedy else 1), dtype=torch.long, device=device)
+    enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    was_training = getattr(model, "training", False)
+    model.eval()
+    try:
+        want = logprobs or top_logprobs > 0
+        return _decode(model, enc, n=n, greedy=greedy, temperature=temperature, top_p=top_p, top_k=top_k,
+                       max_new_tokens=max_new_tokens, seed=_batch_seed(seed, 0),
+                       eos_ids=_eos_ids(model, tokenizer),
+                       pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+                       lp_temperature=1.0 if want else None, top_logprobs=top_logprobs, on_step=on_step)
+    finally:
+        if was_training:
+            model.train()
 
 
 def _progress_disabled(progress: bool) -> bool:
@@ -237,6 +339,11 @@ def generate(
 ) -> list[list[str]] | tuple:
     """Generate ``n`` completions for each prompt; returns ``n`` strings per prompt.
 
+    ``model`` is a loaded HF model (``tokenizer`` renders and decodes), or a generation
+    backend from :mod:`alignkit.backends` (an OpenAI-compatible endpoint, vLLM), which
+    receives the same batches and per-batch seeds; the batching, seeding, caching and
+    return values below are the same for both.
+
     Prompts are plain user strings or message lists, rendered with the chat template
     and the generation prompt. Batches are left-padded (the tokenizer's padding side is
     restored afterwards); one ``model.generate`` call per batch with
@@ -252,14 +359,16 @@ def generate(
     not applied to the score).
 
     ``cache_dir``: per-batch JSON cache (see module docstring); ``fingerprint``
-    defaults to :func:`model_fingerprint` of the model object.
+    defaults to :func:`model_fingerprint` of the model object, or to a backend's own
+    fingerprint (and ``cache_dir`` to its ``cache_dir``).
 
     ``return_truncated=True`` appends, as the last element of the returned tuple, one
     flag per sample: ``True`` when it hit ``max_new_tokens`` without an end token (the
     text stops mid-answer; training it as finished teaches stopping mid-sentence).
     """
-    import torch
     from tqdm.auto import tqdm
+
+    from alignkit.backends import GenerationBackend
 
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
@@ -273,8 +382,16 @@ def generate(
         raise ValueError(f"logprob_source must be 'model' or 'sampling', got {logprob_source!r}")
     lp_mode = "sum" if return_logprobs is True else return_logprobs
 
-    rendered = render_prompts(tokenizer, prompts)
-    eos_ids = _eos_ids(model, tokenizer)
+    backend = model if isinstance(model, GenerationBackend) else None
+    if backend is not None:
+        backend.check(greedy=greedy, temperature=temperature, lp_mode=lp_mode, logprob_source=logprob_source)
+        keyed = backend.prompt_keys(prompts)  # what identifies each prompt to this backend
+        eos_ids = None
+        cache_dir = backend.cache_dir if cache_dir is None else cache_dir
+        fingerprint = backend.fingerprint if fingerprint is None else fingerprint
+    else:
+        keyed = render_prompts(tokenizer, prompts)
+        eos_ids = _eos_ids(model, tokenizer)
     params = {
         "n": n,
         "temperature": None if greedy else temperature,
@@ -290,66 +407,53 @@ def generate(
     if cache is not None and fingerprint is None:
         fingerprint = model_fingerprint(model)
 
-    texts: list[list[str]] = []
-    logps: list[list[float]] = []
-    truncs: list[list[bool]] = []
-    was_training = getattr(model, "training", False)
-    old_side, old_pad = tokenizer.padding_side, tokenizer.pad_token
+    starts = list(range(0, len(keyed), batch_size))
+    results: list[tuple | None] = [None] * len(starts)
+    paths: dict[int, Path] = {}
+    todo: list[int] = []
+    bar = tqdm(total=len(keyed), desc="generate", unit="prompt", disable=_progress_disabled(progress))
+    for b, start in enumerate(starts):
+        batch = keyed[start : start + batch_size]
+        if cache is not None:
+            key = hashlib.sha256(
+                json.dumps([fingerprint, batch, params, _batch_seed(seed, b)], ensure_ascii=False).encode()
+            ).hexdigest()
+            paths[b] = cache / f"{key}.json"
+            hit = _read_json(paths[b])
+            # Entries written before truncation flags were recorded are misses when flags are asked for.
+            if hit is not None and len(hit.get("texts", [])) == len(batch) \
+                    and (not return_truncated or "truncated" in hit):
+                results[b] = (hit["texts"], hit.get("logprobs"), hit.get("truncated") or [])
+                bar.update(len(batch))
+                continue
+        todo.append(b)
+
+    def done(b: int, out: tuple) -> None:
+        # Written as each batch completes: an interrupted run keeps every finished batch.
+        if b in paths:
+            _atomic_write_json(paths[b], {"texts": out[0], "logprobs": out[1], "truncated": out[2]})
+        results[b] = out
+        bar.update(len(out[0]))
+
+    decode_kw = dict(n=n, temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
+                     greedy=greedy, lp_mode=lp_mode, logprob_source=logprob_source)
     try:
-        model.eval()
-        tokenizer.padding_side = "left"
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        device = next(model.parameters()).device
-        bar = tqdm(total=len(rendered), desc="generate", unit="prompt", disable=_progress_disabled(progress))
-        for b, start in enumerate(range(0, len(rendered), batch_size)):
-            batch = rendered[start : start + batch_size]
-            bseed = _batch_seed(seed, b)
-            path = None
-            if cache is not None:
-                key = hashlib.sha256(
-                    json.dumps([fingerprint, batch, params, bseed], ensure_ascii=False).encode()
-                ).hexdigest()
-                path = cache / f"{key}.json"
-                hit = _read_json(path)
-                # Entries written before truncation flags were recorded are misses when flags are asked for.
-                if hit is not None and len(hit.get("texts", [])) == len(batch) \
-                        and (not return_truncated or "truncated" in hit):
-                    texts.extend(hit["texts"])
-                    logps.extend(hit.get("logprobs") or [])
-                    truncs.extend(hit.get("truncated") or [])
-                    bar.update(len(batch))
-                    continue
-            bt, bl, btr = _generate_batch(
-                model,
-                tokenizer,
-                batch,
-                device=device,
-                n=n,
-                temperature=temperature,
-                top_p=top_p,
-                top_k=top_k,
-                max_new_tokens=max_new_tokens,
-                greedy=greedy,
-                seed=bseed,
-                eos_ids=eos_ids,
-                lp_mode=lp_mode,
-                logprob_source=logprob_source,
-                torch=torch,
-            )
-            if path is not None:
-                _atomic_write_json(path, {"texts": bt, "logprobs": bl, "truncated": btr})
-            texts.extend(bt)
-            logps.extend(bl or [])
-            truncs.extend(btr)
-            bar.update(len(batch))
-        bar.close()
+        if backend is not None and todo:
+            jobs = [(b, list(prompts[starts[b] : starts[b] + batch_size]), _batch_seed(seed, b)) for b in todo]
+            for b, out in backend.generate_batches(jobs, **decode_kw):
+                done(b, out)
+        elif todo:
+            with _inference_mode(model, tokenizer):
+                device = next(model.parameters()).device
+                for b in todo:
+                    batch = keyed[starts[b] : starts[b] + batch_size]
+                    done(b, _generate_batch(model, tokenizer, batch, device=device, seed=_batch_seed(seed, b),
+                                            eos_ids=eos_ids, **decode_kw))
     finally:
-        tokenizer.padding_side = old_side
-        if old_pad is None:
-            tokenizer.pad_token = None
-        if was_training:
-            model.train()
+        bar.close()
+    texts = [t for r in results for t in r[0]]
+    logps = [x for r in results for x in (r[1] or [])]
+    truncs = [x for r in results for x in (r[2] or [])]
     if return_truncated:
         return (texts, logps, truncs) if lp_mode else (texts, truncs)
     if lp_mode:
@@ -357,68 +461,58 @@ def generate(
     return texts
 
 
-def _generate_batch(
-    model,
-    tokenizer,
-    batch,
-    *,
-    device,
-    n,
-    temperature,
-    top_p,
-    top_k,
-    max_new_tokens,
-    greedy,
-    seed,
-    eos_ids,
-    lp_mode,
-    logprob_source,
-    torch,
-):
-    from transformers import LogitsProcessorList
+class _inference_mode:  # noqa: N801 - used as a context manager
+    """Eval mode and left padding for the duration of a local generate; both restored."""
 
+    def __init__(self, model: Any, tokenizer: Any) -> None:
+        self.model, self.tok = model, tokenizer
+
+    def __enter__(self) -> None:
+        self.was_training = getattr(self.model, "training", False)
+        self.old_side, self.old_pad = self.tok.padding_side, self.tok.pad_token
+        self.model.eval()
+        self.tok.padding_side = "left"
+        if self.tok.pad_token is None:
+            self.tok.pad_token = self.tok.eos_token
+
+    def __exit__(self, *exc: Any) -> None:
+        self.tok.padding_side = self.old_side
+        if self.old_pad is None:
+            self.tok.pad_token = None
+        if self.was_training:
+            self.model.train()
+
+
+def _generate_batch(model, tokenizer, batch, *, device, n, temperature, top_p, top_k, max_new_tokens, greedy, seed,
+                    eos_ids, lp_mode, logprob_source):
     enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-    prompt_len = enc["input_ids"].shape[1]
-    kwargs: dict[str, Any] = {
-        "max_new_tokens": max_new_tokens,
-        "use_cache": True,
-        "eos_token_id": eos_ids,
-        "pad_token_id": tokenizer.pad_token_id,
-    }
-    if greedy:
-        kwargs.update(do_sample=False, num_return_sequences=1, temperature=None, top_p=None, top_k=None)
-    else:
-        kwargs.update(
-            do_sample=True, num_return_sequences=n, temperature=temperature, top_p=top_p, top_k=top_k
-        )
-    recorder = None
+    lp_t = None
     if lp_mode:
-        t = temperature if (logprob_source == "sampling" and not greedy) else 1.0
-        recorder = _LogprobRecorder(eos_ids, t)
-        kwargs["logits_processor"] = LogitsProcessorList([recorder])
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), torch.inference_mode():
-        torch.manual_seed(seed)
-        seqs = model.generate(**enc, **kwargs)
-        rec = recorder.finish(seqs) if recorder is not None else None
-    new = seqs[:, prompt_len:].tolist()
-    decoded, cut_off = [], []
-    for row in new:
-        cut = next((i for i, tok in enumerate(row) if tok in eos_ids), None)
-        # No end token among the new tokens: generation stopped at the max_new_tokens cap.
-        cut_off.append(cut is None)
-        decoded.append(tokenizer.decode(row[: len(row) if cut is None else cut], skip_special_tokens=True).strip())
-    lps = None
-    if rec is not None:
-        total, count = rec
-        lps = [s / c if (lp_mode == "mean" and c) else s for s, c in zip(total, count)]
+        lp_t = temperature if (logprob_source == "sampling" and not greedy) else 1.0
+    samples = _decode(model, enc, n=n, greedy=greedy, temperature=temperature, top_p=top_p, top_k=top_k,
+                      max_new_tokens=max_new_tokens, seed=seed, eos_ids=eos_ids, pad_id=tokenizer.pad_token_id,
+                      lp_temperature=lp_t)
+    return _group(samples, len(batch), n, greedy, lp_mode,
+                  lambda s: tokenizer.decode(s.token_ids[:-1] if s.finish == "eos" else s.token_ids,
+                                             skip_special_tokens=True).strip())
+
+
+def _group(samples: list[TokenSample], n_prompts: int, n: int, greedy: bool, lp_mode: str | bool,
+           text_of: Any) -> tuple[list[list[str]], list[list[float]] | None, list[list[bool]]]:
+    """Prompt-major rows -> (texts, log-probs, truncated) per prompt, ``n`` each (greedy rows repeated)."""
     per = 1 if greedy else n
-    texts = [decoded[i * per : (i + 1) * per] * (n if greedy else 1) for i in range(len(batch))]
-    truncated = [cut_off[i * per : (i + 1) * per] * (n if greedy else 1) for i in range(len(batch))]
-    logps = None
-    if lps is not None:
-        logps = [lps[i * per : (i + 1) * per] * (n if greedy else 1) for i in range(len(batch))]
-    return texts, logps, truncated
+    rep = n if greedy else 1
+    texts, logps, truncs = [], [] if lp_mode else None, []
+    for i in range(n_prompts):
+        rows = samples[i * per : (i + 1) * per]
+        texts.append([text_of(s) for s in rows] * rep)
+        # No end token among the new tokens: generation stopped at the max_new_tokens cap.
+        truncs.append([s.finish == "length" for s in rows] * rep)
+        if lp_mode:
+            lps = [sum(s.logprobs) / len(s.logprobs) if (lp_mode == "mean" and s.logprobs) else sum(s.logprobs)
+                   for s in rows]
+            logps.append(lps * rep)
+    return texts, logps, truncs
 
 
 def greedy_answers(model: Any, tokenizer: Any, prompts: Sequence[Prompt], **kw: Any) -> list[str]:

@@ -106,23 +106,22 @@ def _judge_code() -> str:
 
 
 def stage_sample(cfg: RunConfig, u: UnsafeSetConfig) -> Path:
-    from alignkit.models import resolve_path
-    from alignkit.sampling import source_fingerprint
+    from alignkit.backends import sampler_fingerprint
 
     m = cfg.model
     path, _ = read_prompt_rows(u.prompts, m.name_or_path)
-    key = {"model": source_fingerprint(resolve_path(m.name_or_path), m.revision), "revision": m.revision,
+    key = {"model": sampler_fingerprint(cfg), "revision": m.revision,
            "dtype": m.dtype, "prompts": file_digest(path), "where": u.prompts.where,
            "prompt_column": u.prompts.prompt_column, "limit": u.prompts.limit, "n": u.gen_num_samples,
            "temperature": u.gen_temperature, "top_p": u.gen_top_p, "max_new_tokens": u.gen_max_new_tokens,
            "batch_size": u.gen_batch_size, "seed": cfg.seed, "v": 1}
 
     def fn():
-        from alignkit.models import load_for_sampling
+        from alignkit.backends import load_sampler
         from alignkit.sampling import generate
 
         _, rows = read_prompt_rows(u.prompts, m.name_or_path)
-        model, tok = load_for_sampling(m)
+        model, tok = load_sampler(cfg, u.stage_dir)
         outs, cut = generate(model, tok, [r["prompt"] for r in rows], n=u.gen_num_samples,
                              temperature=u.gen_temperature, top_p=u.gen_top_p, max_new_tokens=u.gen_max_new_tokens,
                              batch_size=u.gen_batch_size, seed=cfg.seed, return_truncated=True, progress=False)

@@ -20,7 +20,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
@@ -92,10 +92,7 @@ class HTTPJudge(PromptJudge):
         }
         self.stats: Counter[str] = Counter()
         self._stats_lock = threading.Lock()
-        host = urllib.parse.urlsplit(self.url).hostname or ""
-        # Loopback endpoints (a local `alignkit serve`) must not go through an env proxy.
-        handlers = [urllib.request.ProxyHandler({})] if host in _LOOPBACK else []
-        self._opener = urllib.request.build_opener(*handlers)
+        self._opener = opener_for(self.url)
 
     # ------------------------------------------------------------------ public
 
@@ -172,45 +169,10 @@ class HTTPJudge(PromptJudge):
         return content
 
     def _post(self, payload: dict[str, Any]) -> str:
-        body = json.dumps(payload).encode()
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        key = os.environ.get(self.api_key_env) if self.api_key_env else None
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        attempts = self.max_retries + 1
-        last = "no attempt made"
-        for attempt in range(1, attempts + 1):
-            self._count("requests")
-            if attempt > 1:
-                self._count("retries")
-            retry_after = 0.0
-            try:
-                req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-                with self._opener.open(req, timeout=self.timeout) as resp:
-                    raw = resp.read()
-                return self._parse(raw)
-            except urllib.error.HTTPError as e:
-                detail = _snippet(e)
-                if e.code != 429 and e.code < 500:
-                    raise HTTPJudgeError(
-                        f"POST {self.url} failed with HTTP {e.code} (not retried, attempt {attempt}): {detail}"
-                    ) from None
-                last = f"HTTP {e.code}: {detail}"
-                retry_after = _retry_after(e)
-            except TimeoutError as e:  # socket.timeout is an alias since 3.10
-                last = f"timeout after {self.timeout}s ({e})"
-            except urllib.error.URLError as e:
-                reason = e.reason
-                last = (
-                    f"timeout after {self.timeout}s"
-                    if isinstance(reason, TimeoutError)
-                    else f"connection error: {reason}"
-                )
-            except (ConnectionError, http.client.HTTPException, OSError) as e:
-                last = f"connection error: {type(e).__name__}: {e}"
-            if attempt < attempts:
-                time.sleep(max(self.backoff * 2 ** (attempt - 1), retry_after))
-        raise HTTPJudgeError(f"POST {self.url} failed after {attempts} attempts; last error: {last}")
+        raw = post_json(self._opener, self.url, payload, api_key_env=self.api_key_env, timeout=self.timeout,
+                        max_retries=self.max_retries, backoff=self.backoff, count=self._count,
+                        where=f"POST {self.url}", error=HTTPJudgeError)
+        return self._parse(raw)
 
     def _parse(self, raw: bytes) -> str:
         try:
@@ -221,6 +183,59 @@ class HTTPJudge(PromptJudge):
                 f"POST {self.url}: unexpected response body ({type(e).__name__}): {raw[:200]!r}"
             ) from None
         return content if isinstance(content, str) else ""
+
+
+def opener_for(url: str) -> urllib.request.OpenerDirector:
+    """A urllib opener for ``url``; loopback endpoints (a local ``alignkit serve`` or
+    ``vllm serve``) bypass any proxy set in the environment."""
+    host = urllib.parse.urlsplit(url).hostname or ""
+    return urllib.request.build_opener(*([urllib.request.ProxyHandler({})] if host in _LOOPBACK else []))
+
+
+def post_json(opener: urllib.request.OpenerDirector, url: str, payload: dict[str, Any], *,
+              api_key_env: str | None, timeout: float, max_retries: int, backoff: float,
+              count: Callable[[str], None], where: str, error: type[Exception]) -> bytes:
+    """POST ``payload`` as JSON; the raw body of the first successful reply.
+
+    Shared by the HTTP judge and the ``openai`` generation backend. Transient failures
+    (5xx, 429, timeouts, connection errors) are retried ``max_retries`` times with
+    exponential backoff (at least a numeric ``Retry-After``); other 4xx raise at once.
+    The key is read from ``api_key_env`` per call and never put in a message. ``count``
+    gets ``"requests"`` per attempt and ``"retries"`` per repeat; failures raise
+    ``error("<where> failed ...")``.
+    """
+    body = json.dumps(payload).encode()
+    headers = {"Content-Type": "application/json", "Accept": "application/json"}
+    key = os.environ.get(api_key_env) if api_key_env else None
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    attempts = max_retries + 1
+    last = "no attempt made"
+    for attempt in range(1, attempts + 1):
+        count("requests")
+        if attempt > 1:
+            count("retries")
+        retry_after = 0.0
+        try:
+            req = urllib.request.Request(url, data=body, headers=headers, method="POST")
+            with opener.open(req, timeout=timeout) as resp:
+                return resp.read()
+        except urllib.error.HTTPError as e:
+            detail = _snippet(e)
+            if e.code != 429 and e.code < 500:
+                raise error(f"{where} failed with HTTP {e.code} (not retried, attempt {attempt}): {detail}") from None
+            last = f"HTTP {e.code}: {detail}"
+            retry_after = _retry_after(e)
+        except TimeoutError as e:  # socket.timeout is an alias since 3.10
+            last = f"timeout after {timeout}s ({e})"
+        except urllib.error.URLError as e:
+            last = (f"timeout after {timeout}s" if isinstance(e.reason, TimeoutError)
+                    else f"connection error: {e.reason} (is the server running at this URL?)")
+        except (ConnectionError, http.client.HTTPException, OSError) as e:
+            last = f"connection error: {type(e).__name__}: {e}"
+        if attempt < attempts:
+            time.sleep(max(backoff * 2 ** (attempt - 1), retry_after))
+    raise error(f"{where} failed after {attempts} attempts; last error: {last}")
 
 
 def _snippet(e: urllib.error.HTTPError) -> str:

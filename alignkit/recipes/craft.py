@@ -330,7 +330,15 @@ def _query_key(cfg: RunConfig, method: Method) -> dict:
                                    "embedder", "mc_options", "mcqa_certainty_probs", "seed_subsample"})
     if method.task == "mcqa":
         q.pop("embedder")
-    return {"model": source_fingerprint(resolve_path(m.name_or_path), m.revision), "dtype": m.dtype,
+    # The open-ended query samples through cfg.generation (alignkit.backends); the multiple-choice
+    # query reads option log-probs from the local model's logits.
+    if method.task == "oeqa":
+        from alignkit.backends import sampler_fingerprint
+
+        model_key = sampler_fingerprint(cfg)
+    else:
+        model_key = source_fingerprint(resolve_path(m.name_or_path), m.revision)
+    return {"model": model_key, "dtype": m.dtype,
             "data": file_digest(d.train.path), "format": d.train.format, "split": d.train.split,
             "columns": d.train.columns, "limit": d.train.limit, "query": q, "seed": cfg.seed,
             "code": code_digest(kn, emb, _query_rows, _query)}
@@ -340,11 +348,12 @@ def stage_query(cfg: RunConfig, method: Method) -> Path:
     from alignkit.stages import run_stage
 
     def fn():
+        from alignkit.backends import load_sampler
         from alignkit.judges.embedding import build_embedder
         from alignkit.models import load_for_sampling
 
         rows = _query_rows(cfg, method)
-        model, tok = load_for_sampling(cfg.model)
+        model, tok = load_sampler(cfg, method.stage_dir) if method.task == "oeqa" else load_for_sampling(cfg.model)
         embedder = build_embedder(method.embedder) if method.task == "oeqa" else None
         ks = _query(model, tok, rows, method, cfg.seed, embedder)
         return [{**r, **k, "mu0": k["mu"], "sigma0": k["sigma"]} for r, k in zip(rows, ks)]

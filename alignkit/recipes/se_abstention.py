@@ -311,22 +311,24 @@ def stage_sample(cfg: RunConfig, method: Method, rows: list[dict], n: int) -> Pa
     """Standard answer (T=0.1) + ``n`` samples (T=1) with mean token log-probs per question
     of ``rows`` (already loaded and validated; keyed by their question / answers / knowledge)."""
     import alignkit.sampling as sm
-    from alignkit.models import resolve_path
+    from alignkit.backends import sampler_fingerprint
     from alignkit.stages import fingerprint, run_stage
 
     m = cfg.model
     rows = [{"question": r["question"], "answers": r.get("answers"), "knowledge": r.get("knowledge")} for r in rows]
-    key = {"model": sm.source_fingerprint(resolve_path(m.name_or_path), m.revision), "dtype": m.dtype,
+    key = {"model": sampler_fingerprint(cfg), "dtype": m.dtype,
            "data": fingerprint(rows), "n": n, "seed": cfg.seed,
            "sampling": method.model_dump(include={"prompt_template", "temperature", "top_p", "standard_temperature",
                                                   "max_new_tokens", "gen_batch_size"}),
-           "code": code_digest(stage_sample, sm.generate, sm._generate_batch)}
+           # The decoding loop itself (_decode and its step hooks) is hashed too: generate delegates to it.
+           "code": code_digest(stage_sample, sm.generate, sm._generate_batch, sm._decode, sm._StepScores,
+                               sm._StepWatch, sm._group)}
 
     def fn():
-        from alignkit.models import load_for_sampling
+        from alignkit.backends import load_sampler
 
         prompts = [method.prompt_template.format(question=r["question"]) for r in rows]
-        model, tok = load_for_sampling(m)
+        model, tok = load_sampler(cfg, method.stage_dir)
         kw = dict(max_new_tokens=method.max_new_tokens, batch_size=method.gen_batch_size, seed=cfg.seed,
                   progress=False, return_logprobs="mean")
         std, _ = sm.generate(model, tok, prompts, n=1, temperature=method.standard_temperature, **kw)
