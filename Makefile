@@ -1,6 +1,7 @@
 # alignkit — everything installs into .venv/ from nothing.
 #   make demo   the tiny-world demo of every recipe (main job)
 #   make test   the test suite (what CI runs)
+#   make bench  alignkit vs TRL and the recipes' speed checks (< 10 min on 2 CPU cores)
 PY     ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -13,7 +14,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast demo bench lint clean
+.PHONY: setup test test-fast demo bench bench-scaling lint clean
 
 setup: $(STAMP)
 
@@ -37,10 +38,16 @@ test-fast: setup
 demo: setup
 	$(BIN)/alignkit demo --seed 0 --seeds 1 2 --jobs 2 --out runs/demo
 
+# alignkit vs TRL (DPO speed, memory, MFU), CRaFT sampling, TA-SFT overhead: < 10 min on 2 CPU cores.
+# Writes benchmarks/results/dpo.json.
 bench: setup
 	$(BIN)/python benchmarks/bench_dpo.py
 	$(BIN)/python benchmarks/bench_craft.py
 	$(BIN)/python benchmarks/bench_ta_sft.py
+
+# DPO step time and peak memory vs sequence length and batch size (benchmarks/results/scaling.json).
+bench-scaling: setup
+	$(BIN)/python benchmarks/bench_scaling.py
 
 lint: setup
 	$(BIN)/ruff check alignkit tests benchmarks

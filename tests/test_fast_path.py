@@ -19,7 +19,6 @@ from alignkit.data import PackedPreferenceCollator, PreferenceCollator
 from alignkit.losses import mask_dpo_loss, target_logps, token_logps
 from conftest import toy_config
 
-
 # ---------------------------------------------------------------- target_logps vs a naive loop
 
 
