@@ -29,7 +29,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e ".[all]"
 	@touch $(STAMP)
 
+# The tests' shared tiny world is built (or found in the cache) first, outside pytest's per-test
+# timeouts: on a slow 2-core machine its pretraining alone can take longer than a test may.
 test: setup
+	$(BIN)/alignkit world build --seed 0
 	$(BIN)/python -m pytest -q -ra --durations=15 $(PYTEST_ARGS)
 
 test-fast: setup
