@@ -13,8 +13,12 @@ export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 PYTEST_ARGS ?=
+# The testbed's reproducible numeric mode (alignkit/world/numerics.py; README "The testbed"): the
+# same kernels and thread count on every x86-64 machine, so the tiny world and every test and
+# demo number are identical between CPUs. The suite and the demo also set it themselves.
+TESTBED_NUMERICS := ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2,STRICT ONEDNN_MAX_CPU_ISA=AVX2 OMP_NUM_THREADS=2
 
-.PHONY: setup test test-fast demo bench bench-scaling lint clean
+.PHONY: setup test test-fast demo margins bench bench-scaling lint clean
 
 setup: $(STAMP)
 
@@ -32,14 +36,23 @@ $(STAMP): pyproject.toml
 # The tests' shared tiny world is built (or found in the cache) first, outside pytest's per-test
 # timeouts: on a slow 2-core machine its pretraining alone can take longer than a test may.
 test: setup
-	$(BIN)/alignkit world build --seed 0
-	$(BIN)/python -m pytest -q -ra --durations=15 $(PYTEST_ARGS)
+	env $(TESTBED_NUMERICS) $(BIN)/alignkit world build --seed 0
+	env $(TESTBED_NUMERICS) $(BIN)/python -m pytest -q -ra --durations=15 $(PYTEST_ARGS)
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow and not distributed" $(PYTEST_ARGS)
+	env $(TESTBED_NUMERICS) $(BIN)/python -m pytest -q -m "not slow and not distributed" $(PYTEST_ARGS)
 
 demo: setup
-	$(BIN)/alignkit demo --seed 0 --seeds 1 2 --jobs 2 --out runs/demo
+	env $(TESTBED_NUMERICS) $(BIN)/alignkit demo --seed 0 --seeds 1 2 --jobs 2 --out runs/demo
+
+# Every test that asserts a learned effect, on world seeds 0, 1 and 2; prints each effect's
+# value beside its bound (runs/margins/). Run before closing work that touches training.
+margins: setup
+	@mkdir -p runs/margins && rm -f runs/margins/*.jsonl
+	for s in 0 1 2; do env $(TESTBED_NUMERICS) ALIGNKIT_WORLD_SEED=$$s \
+		ALIGNKIT_MARGINS_OUT=$(CURDIR)/runs/margins/seed$$s.jsonl \
+		$(BIN)/python -m pytest -q -m learned_effect -p no:cacheprovider $(PYTEST_ARGS) || true; done
+	$(BIN)/python tests/margins_report.py runs/margins
 
 # alignkit vs TRL (DPO speed, memory, MFU), CRaFT sampling, TA-SFT overhead: < 10 min on 2 CPU cores.
 # Writes benchmarks/results/dpo.json.

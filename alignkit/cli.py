@@ -31,12 +31,27 @@ def _setup_logging() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def _close_process_group() -> None:
+    """Tear the process group down before the interpreter exits. Left to exit, a gloo group's
+    threads are destroyed while joinable, which aborts a rank ("terminate called without an
+    active exception", SIGABRT) after the run has completed, and the launcher reports failure."""
+    if "torch" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def cmd_train(args) -> int:
     from alignkit.config import load_config
     from alignkit.recipes import get_recipe
 
     cfg = load_config(args.config, args.overrides)
-    run_dir = get_recipe(cfg.recipe).train(cfg)
+    try:
+        run_dir = get_recipe(cfg.recipe).train(cfg)
+    finally:
+        _close_process_group()
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"run complete: {run_dir}")
         m = Path(run_dir) / "metrics.json"
@@ -153,9 +168,16 @@ def cmd_eval(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    from alignkit.world import numerics
+
+    if numerics.wanted() and not numerics.is_pinned():
+        # The demo is the testbed's: it runs in the reproducible numeric mode (README, "The
+        # testbed"), which must be in the environment before torch loads, so re-execute.
+        os.execve(sys.executable, [sys.executable, "-m", "alignkit", *args.argv], numerics.pinned_env())
     from alignkit.demo import run_demo
 
-    run_demo(seed=args.seed, recipes=args.recipes, out=args.out, seeds=args.seeds, jobs=args.jobs)
+    run_demo(seed=args.seed, recipes=args.recipes, out=args.out, seeds=args.seeds, jobs=args.jobs,
+             smoke=args.smoke)
     return 0
 
 
@@ -232,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="runs/demo")
     s.add_argument("--jobs", type=int, default=1,
                    help="worker processes (each part: a world build or one recipe section on one seed)")
+    s.add_argument("--smoke", action="store_true",
+                   help="every section and row on one seed with small budgets and a cold stage cache (a test)")
     s.set_defaults(fn=cmd_demo)
 
     s = sub.add_parser("world", help="the tiny-world testbed")
@@ -263,7 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     from alignkit.data import DataError
 
     _setup_logging()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return args.fn(args)
     except (ConfigError, DataError) as e:

@@ -11,13 +11,20 @@ Each recipe module may declare ``DEMO`` — a section of the table::
             # optional: line plots of metrics against a swept setting, one point per row
             "sweeps": [{"title": ..., "xlabel": "λ", "points": [(0.5, "row label"), ...], "metrics": [...]}],
             # optional: rows run on the first world seed only (their claims read "not measured" elsewhere)
-            "first_seed_only": ["row label", ...]}
+            "first_seed_only": ["row label", ...],
+            # overrides of ``alignkit demo --smoke``: small budgets that still run every stage
+            "smoke": ["train.max_steps=2", "eval.limit=6", ...]}
 
 "base" rows evaluate the untrained world model; other rows train the named recipe with
 its shipped YAML (``recipes/<name>.yaml``) on the same world and evaluate the result
 on the same eval sets. Every number gets a 95% bootstrap CI over prompts; every claim
 "A > B" a paired bootstrap CI of the difference on the same prompts and a verdict
 (beyond noise / within noise / reversed). Several world seeds give the robustness table.
+
+``alignkit demo --smoke`` runs every section, every recipe and every row through the same
+code (worker processes included) on one world seed, with each recipe's ``DEMO["smoke"]``
+budgets and a cold cache for stages and reference log-probs (only the world is reused):
+what ``make test`` runs so that the main job cannot break unseen.
 """
 
 from __future__ import annotations
@@ -41,13 +48,13 @@ def _recipe_config(name: str, seed: int, out: Path, extra: list[str] | None = No
     return load_config(RECIPES_DIR / f"{name}.yaml", overrides)
 
 
-def _base_eval(seed: int, recipe: str, evals: list[str], out: Path) -> dict:
+def _base_eval(seed: int, recipe: str, evals: list[str], out: Path, extra: list[str] | None = None) -> dict:
     """Evaluate the untrained world model on eval sets of ``recipe``'s YAML."""
     from alignkit.evaluation import build_eval_judge, evaluate_model
     from alignkit.models import load_for_inference
     from alignkit.paths import expand_config
 
-    cfg = _recipe_config(recipe, seed, out)
+    cfg = _recipe_config(recipe, seed, out, extra)
     expand_config(cfg)
     model, tok = load_for_inference(cfg.model.name_or_path, cfg.model.dtype)
     judge = build_eval_judge(cfg.eval.judge, cfg.model.name_or_path)
@@ -57,8 +64,8 @@ def _base_eval(seed: int, recipe: str, evals: list[str], out: Path) -> dict:
     return res["eval"]
 
 
-def _eval_tasks(recipe: str, seed: int, out: Path) -> dict[str, str]:
-    cfg = _recipe_config(recipe, seed, out)
+def _eval_tasks(recipe: str, seed: int, out: Path, extra: list[str] | None = None) -> dict[str, str]:
+    cfg = _recipe_config(recipe, seed, out, extra)
     return {name: es.task for name, es in cfg.eval.datasets.items()}
 
 
@@ -121,15 +128,18 @@ def sections(selected: list[str] | None) -> list[tuple[str, dict]]:
     return out
 
 
-def _run_section(s: int, name: str, out_dir: Path, first: bool = True) -> tuple[dict, list[tuple[str, float]]]:
+def _run_section(s: int, name: str, out_dir: Path, first: bool = True,
+                 smoke: bool = False) -> tuple[dict, list[tuple[str, float]]]:
     """Every row of one recipe's DEMO section on world seed ``s`` (rows in
     ``DEMO["first_seed_only"]`` only when ``first``); returns (section results, [(part, seconds)]).
     Trained rows evaluate only the eval sets the section reports (``eval.run``): validation
-    sets a recipe defines for choosing hyperparameters are not re-measured by the demo."""
+    sets a recipe defines for choosing hyperparameters are not re-measured by the demo.
+    ``smoke``: every row with the recipes' ``DEMO["smoke"]`` budgets."""
     from alignkit.recipes import get_recipe
     from alignkit.world import ensure_tiny
 
     demo = get_recipe(name).DEMO
+    budget = list(demo.get("smoke", [])) if smoke else []
     ensure_tiny(seed=s)  # another worker may be building it: wait on its lock
     timings: list[tuple[str, float]] = []
     rows, dirs, extras = {}, {}, {}
@@ -144,16 +154,18 @@ def _run_section(s: int, name: str, out_dir: Path, first: bool = True) -> tuple[
         if recipe is None:
             base_dir = out_dir / f"seed{s}" / f"base_{name}"
             if base is None:
-                base = _base_eval(s, name, demo["evals"], base_dir)
+                base = _base_eval(s, name, demo["evals"], base_dir, budget)
             rows[label], dirs[label] = _flatten(base), base_dir
         else:
             # A row may run its recipe with its own overrides (e.g. a baseline variant of
             # one recipe, DEMO["row_overrides"][label]); it then gets its own run dir.
             row_extra = demo.get("row_overrides", {}).get(label)
             run_name = recipe if row_extra is None else f"{recipe}-{_slug(label)}"
+            # the row's recipe's budgets (a recipe without a section of its own, e.g. dpo: this one's)
+            row_budget = list((getattr(get_recipe(recipe), "DEMO", None) or demo).get("smoke", [])) if smoke else []
             cfg = _recipe_config(recipe, s, out_dir / f"seed{s}" / run_name,
                                  [*(demo.get("overrides", {}).get(recipe) or []), *(row_extra or []),
-                                  f"eval.run=[{','.join(reported)}]"])
+                                  *row_budget, f"eval.run=[{','.join(reported)}]"])
             run = get_recipe(recipe).train(cfg)
             rows[label] = _flatten(json.loads((Path(run) / "metrics.json").read_text())["eval"])
             train_results = json.loads((Path(run) / "train_results.json").read_text())
@@ -164,7 +176,7 @@ def _run_section(s: int, name: str, out_dir: Path, first: bool = True) -> tuple[
             dirs[label] = Path(run)
         timings.append((f"seed {s}: {name} / {label}", time.time() - t0))
         log.info("demo seed %d %s %s: %s", s, name, label, {k: rows[label].get(k) for k in demo["metrics"]})
-    stats = section_stats(demo, _eval_tasks(name, s, out_dir / f"seed{s}" / name), dirs)
+    stats = section_stats(demo, _eval_tasks(name, s, out_dir / f"seed{s}" / name, budget), dirs)
     for label, vals in stats.pop("values", {}).items():  # e.g. THS of the base row (its own reference)
         for metric, v in vals.items():
             rows[label].setdefault(metric, v)
@@ -180,12 +192,12 @@ def _run_world(s: int) -> tuple[dict, list[tuple[str, float]]]:
     return report, [(f"seed {s}: tiny world (build or cache)", time.time() - t0)]
 
 
-def _run_item(item: tuple, out_dir: Path) -> tuple[tuple, dict, list[tuple[str, float]]]:
+def _run_item(item: tuple, out_dir: Path, smoke: bool = False) -> tuple[tuple, dict, list[tuple[str, float]]]:
     if item[0] == "world":
         res, timings = _run_world(item[1])
     else:
         _, s, name, first = item
-        res, timings = _run_section(s, name, out_dir, first)
+        res, timings = _run_section(s, name, out_dir, first, smoke)
     return item, res, timings
 
 
@@ -197,8 +209,30 @@ def _worker_init(threads: int) -> None:
                         datefmt="%H:%M:%S")
 
 
+def _cold_cache(out_dir: Path, seeds: list[int]) -> None:
+    """Point ``$ALIGNKIT_CACHE`` at an empty cache under ``out_dir`` whose ``world/`` is the
+    current cache's (built first): every stage and reference pass then runs, and no world
+    is pretrained again. Worker processes inherit the variable."""
+    import os
+
+    from alignkit.world import ensure_tiny
+    from alignkit.world.cache import cache_root
+
+    for s in seeds:
+        ensure_tiny(seed=s)
+    worlds = cache_root() / "world"
+    cold = (out_dir / "cache").resolve()
+    if cold.exists():
+        import shutil
+
+        shutil.rmtree(cold)
+    cold.mkdir(parents=True)
+    (cold / "world").symlink_to(worlds.resolve(), target_is_directory=True)
+    os.environ["ALIGNKIT_CACHE"] = str(cold)
+
+
 def run_demo(seed: int = 0, recipes: list[str] | None = None, out: str = "runs/demo",
-             seeds: list[int] | None = None, jobs: int = 1) -> dict:
+             seeds: list[int] | None = None, jobs: int = 1, smoke: bool = False) -> dict:
     """Every section on every world seed. ``jobs > 1`` runs the parts (world builds, recipe
     sections) in that many worker processes with ``cpu_count // jobs`` torch threads each:
     the tiny model's sampling and training are dominated by per-step overhead that extra
@@ -210,22 +244,29 @@ def run_demo(seed: int = 0, recipes: list[str] | None = None, out: str = "runs/d
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     all_seeds = [seed, *[s for s in (seeds or []) if s != seed]]
+    if smoke:  # one seed, every row, cold stage cache (see the module docstring)
+        all_seeds = [seed]
+        _cold_cache(out_dir, all_seeds)
     names = [name for name, _ in sections(recipes)]
     # world builds first, so a worker never waits on a world another worker is still building
     items = [("world", s) for s in all_seeds] + [("section", s, n, s == all_seeds[0]) for s in all_seeds
                                                  for n in names]
     t_start = time.time()
     if jobs <= 1:
-        done = [_run_item(it, out_dir) for it in items]
+        done = [_run_item(it, out_dir, smoke) for it in items]
     else:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
 
-        threads = max(1, (os.cpu_count() or 1) // jobs)
+        from alignkit.world.numerics import THREADS, is_pinned
+
+        # in the testbed's numeric mode a constant (never the machine's core count), so every
+        # machine splits each reduction the same way
+        threads = max(1, (THREADS if is_pinned() else (os.cpu_count() or 1)) // jobs)
         with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"),
                                  initializer=_worker_init, initargs=(threads,)) as pool:
-            done = list(pool.map(_run_item, items, [out_dir] * len(items)))
-    results: dict = {"seeds": {s: {} for s in all_seeds}, "world": {}, "jobs": max(1, jobs)}
+            done = list(pool.map(_run_item, items, [out_dir] * len(items), [smoke] * len(items)))
+    results: dict = {"seeds": {s: {} for s in all_seeds}, "world": {}, "jobs": max(1, jobs), "smoke": smoke}
     timings: list[tuple[str, float]] = []
     for item, res, t in done:
         timings += t

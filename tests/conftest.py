@@ -21,6 +21,13 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("ALIGNKIT_CACHE", str(Path(__file__).resolve().parents[1] / ".cache" / "alignkit"))
 
+# The testbed's reproducible numeric mode (alignkit/world/numerics.py): set before torch loads,
+# so this process and every CLI subprocess a test starts compute the same bits on every CPU.
+from alignkit.world import numerics  # noqa: E402 - standard library only; must precede torch
+
+if numerics.wanted():
+    numerics.pin_this_process()
+
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
@@ -129,7 +136,26 @@ def toy_config(recipe: str, model_dir: Path, data: Path, out: Path, **train) -> 
 
 @pytest.fixture(scope="session")
 def tiny_world_dir() -> Path:
-    """The real tiny world (seed 0), built once per machine and shared by every test."""
+    """The real tiny world (seed 0, or ``$ALIGNKIT_WORLD_SEED`` under ``make margins``), built once
+    per machine and shared by every test."""
     from alignkit.world import ensure_tiny
 
-    return ensure_tiny(seed=0)
+    return ensure_tiny(seed=int(os.environ.get("ALIGNKIT_WORLD_SEED", "0")))
+
+
+def assert_effect(name: str, value: float, bound: float, above: bool = True) -> None:
+    """Assert a learned effect (``value > bound``, or ``< bound`` with ``above=False``) and, under
+    ``make margins``, record it: that target runs the learned-effect tests on world seeds 0, 1
+    and 2 and prints each effect's value beside its bound, so a bound with no margin shows
+    before a machine of another kind fails on it."""
+    import json
+
+    out = os.environ.get("ALIGNKIT_MARGINS_OUT")
+    if out:
+        rec = {"test": os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0], "effect": name,
+               "value": float(value), "bound": float(bound), "above": above,
+               "world_seed": int(os.environ.get("ALIGNKIT_WORLD_SEED", "0"))}
+        with open(out, "a", encoding="utf-8") as f:
+            f.write(json.dumps(rec) + "\n")
+    ok = value > bound if above else value < bound
+    assert ok, f"learned effect '{name}': {value} is not {'>' if above else '<'} {bound}"

@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.distributed, pytest.mark.timeout(600)]
 
 
 def _env():
-    env = dict(os.environ, TQDM_DISABLE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, TQDM_DISABLE="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     env.pop("RANK", None)
     return env
 

@@ -71,7 +71,7 @@ def _cpu_tag() -> str:
 
 
 def _env() -> dict:
-    env = dict(os.environ, TQDM_DISABLE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT),
+    env = dict(os.environ, TQDM_DISABLE="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(ROOT),
                TORCH_EXTENSIONS_DIR=str(ROOT / ".cache" / "torch_extensions" / _cpu_tag()))
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)

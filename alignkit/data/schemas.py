@@ -25,7 +25,8 @@ column names):
 * ``dualuse``: ``prompt`` + class (``is_legitimate`` / ``true_label`` / ``label``) -> ``is_legitimate``
   and ``fold`` (:func:`alignkit.data.dualuse.fold_of`).
 
-Every problem is reported with file, 1-based row, field and reason, all at once.
+Every problem is reported with file, 1-based row, field and reason, all at once. A null in
+a field the kind reads is a row error when other rows of the file give that field (``READS``).
 """
 
 from __future__ import annotations
@@ -51,6 +52,32 @@ LABEL_MAP = {
     0: "hallucination", "incorrect": "hallucination",  # False == 0
     "nofact": "nofact", "no_fact": "nofact",
 }
+
+
+# The fields each kind reads (canonical names; ALIASES and ``columns`` map them to a file's
+# columns). A null in one of them is a row error when other rows of the same file give the
+# field: TRL's implicit-prompt format is a file *without* a prompt column, never a null prompt.
+READS: dict[str, tuple[str, ...]] = {
+    "sft": ("messages", "text", "prompt", "completion"),
+    "preference": ("prompt", "chosen", "rejected", "chosen_truncated", "rejected_truncated"),
+    "prompt": ("prompt",),
+    "qa": ("question", "answers", "answer"),
+    "safety": ("prompt", "label", "response"),
+    "dualuse": ("prompt", "is_legitimate", "true_label", "label"),
+}
+# Preference annotations: a null among annotated rows is a span error (raised, or counted by
+# Mask-DPO's on_mask_mismatch), and not read at all where the recipe ignores annotations.
+_ANNOTATIONS = ("sentences", "labels", "spans", "item")
+
+
+def _read_columns(kind: str, columns: dict[str, str]) -> set[str]:
+    """The file columns ``kind`` reads: mapped names, or canonical names and their aliases."""
+    out: set[str] = set()
+    for name in READS[kind]:
+        out.add(columns.get(name, name))
+        if name not in columns:
+            out.update(ALIASES.get(name, ()))
+    return out
 
 
 class _RowError(Exception):
@@ -139,8 +166,15 @@ def _is_conversation(value: Any) -> bool:
     return isinstance(value, list) and bool(value) and all(isinstance(m, dict) for m in value)
 
 
-def _labelled_spans(row: dict, side: str, text: str, columns: dict[str, str]) -> list[tuple[int, int, str]] | None:
-    """Character spans of annotated sentences in ``text``, located exactly, with labels."""
+def _labelled_spans(row: dict, side: str, text: str, columns: dict[str, str],
+                    present: frozenset[str] = frozenset()) -> list[tuple[int, int, str]] | None:
+    """Character spans of annotated sentences in ``text``, located exactly, with labels.
+    ``present``: the columns some row of the file gives (not null)."""
+    for part in _ANNOTATIONS:
+        src = columns.get(f"{side}_{part}", f"{side}_{part}")
+        if src in row and row[src] is None and src in present:
+            raise _RowError(src, "null, while other rows of this file are annotated; give this row's "
+                                 "annotation or leave the column out of the file", True)
     sents = _get(row, f"{side}_sentences", columns, required=False)
     labels = _get(row, f"{side}_labels", columns, required=False)
     spans = _get(row, f"{side}_spans", columns, required=False)
@@ -185,8 +219,12 @@ def _labelled_spans(row: dict, side: str, text: str, columns: dict[str, str]) ->
 
 
 def _normalise_row(kind: str, row: dict, columns: dict[str, str], system_prompt: str | None,
-                   on_span_error: str = "raise") -> dict:
+                   on_span_error: str = "raise", present: frozenset[str] = frozenset()) -> dict:
     out: dict[str, Any] = {}
+    for src in sorted(_read_columns(kind, columns)):
+        if src in row and row[src] is None and src in present:
+            raise _RowError(src, "null (got NoneType), while other rows of this file give this field (a "
+                                 "file that uses an implicit or optional field leaves the column out)")
     if kind in ("sft", "preference"):
         if kind == "sft" and _get(row, "messages", columns, required=False) is not None:
             msgs = _messages(_get(row, "messages", columns), columns.get("messages", "messages"))
@@ -248,7 +286,7 @@ def _normalise_row(kind: str, row: dict, columns: dict[str, str], system_prompt:
                     out[f"{side}_spans"] = None
                     continue
                 try:
-                    out[f"{side}_spans"] = _labelled_spans(row, side, out[side], columns)
+                    out[f"{side}_spans"] = _labelled_spans(row, side, out[side], columns, present)
                 except _RowError as e:
                     if on_span_error == "raise":
                         raise
@@ -324,10 +362,11 @@ def validate_rows(
     """
     columns = columns or {}
     issues = issues or IssueCollector(file, max_errors)
+    present = frozenset(k for _, row in rows if isinstance(row, dict) for k, v in row.items() if v is not None)
     out = []
     for i, row in rows:
         try:
-            r = _normalise_row(kind, row, columns, system_prompt, on_span_error)
+            r = _normalise_row(kind, row, columns, system_prompt, on_span_error, present)
             r["_row"] = i
             out.append(r)
         except _RowError as e:

@@ -77,6 +77,8 @@ DEMO = {
                ("Balanced DPO", "DPO unbalanced", "dualuse_test:utility_strict"),
                ("Balanced DPO", "SFT", "dualuse_test:utility_strict"),
                ("DPO unbalanced", "base", "dualuse_test:safety")],
+    # `alignkit demo --smoke` (make test): every stage of every row, on small budgets
+    "smoke": ["method.sft.max_steps=2", "train.max_steps=2", "eval.limit=30"],
 }
 
 

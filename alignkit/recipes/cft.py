@@ -62,6 +62,8 @@ DEMO = {
     "checks": [("base", "CFT+replay", "qa_test:accuracy"), ("base", "CFT+replay", "jailbreak_test:cr"),
                ("CFT+replay", "base", "benign_test:over_refusal_rate"),
                ("CFT", "base", "benign_test:over_refusal_rate")],
+    # `alignkit demo --smoke` (make test): every stage of every row, on small budgets
+    "smoke": ["data.train.limit=32", "method.replay_dataset.limit=32", "train.max_steps=2", "eval.limit=4"],
 }
 
 

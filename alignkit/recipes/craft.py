@@ -79,6 +79,10 @@ DEMO = {
     # the mechanism the paper names: less over-refusal on known facts (Cor-RAIT > CRaFT in refusals)
     "checks": [("Cor-RAIT", "CRaFT", "qa_test:refusal_rate/known"), ("CRaFT", "Cor-RAIT", "qa_test:p_correct"),
                ("CRaFT", "CorCer-RAIT", "qa_test:ths"), ("Cor-RAIT", "initial", "qa_test:ths")],
+    # `alignkit demo --smoke` (make test): every stage of every row, on small budgets
+    "smoke": ["data.train.limit=48", "method.num_samples=3", "method.rehearsal.size=8",
+              "method.rehearsal.num_train_epochs=1", "method.n_van=16", "method.n_idk=8", "train.max_steps=2",
+              "eval.limit=6"],
 }
 
 
@@ -506,7 +510,8 @@ def stage_initial_eval(cfg: RunConfig, method: Method) -> Path:
         judge = build_eval_judge(cfg.eval.judge, m.name_or_path)
         with tempfile.TemporaryDirectory() as td:
             res = evaluate_model(model, tok, cfg.eval, judge, Path(td), seed=cfg.seed)
-            rows = [{"eval_set": name, **r} for name in cfg.eval.datasets
+            # only the sets evaluate_model ran (``eval.run`` may select a subset of eval.datasets)
+            rows = [{"eval_set": name, **r} for name in res["eval"]
                     for r in read_records(Path(td) / f"eval_{name}.jsonl")]
         return rows, {"eval": res["eval"]}
 

@@ -57,6 +57,9 @@ DEMO = {
     # not expectations: does Mask-DPO's factuality come with fewer correct statements?
     "checks": [("Mask-DPO", "base", "bio_test:correct_per_response"),
                ("Mask-DPO", "DPO", "bio_test:correct_per_response")],
+    # `alignkit demo --smoke` (make test): every stage of every row, on small budgets
+    "smoke": ["data.train.limit=6", "method.gen_num_samples=4", "method.pairs_per_prompt=1", "train.max_steps=2",
+              "eval.limit=4", "eval.num_samples=1"],
 }
 
 

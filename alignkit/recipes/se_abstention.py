@@ -111,6 +111,9 @@ DEMO = {
     "run_tables": [{"row": "SE abstention", "key": "signal_quality",
                     "title": "Uncertainty signals of the base model on qa_test: how well each predicts a wrong "
                              "standard answer (AUROC; PRR, lm-polygraph convention)"}],
+    # `alignkit demo --smoke` (make test): every stage of every row, on small budgets
+    "smoke": ["data.train.limit=48", "method.num_samples=3", "method.tau_grid=[0.5,2.0]",
+              "method.signal_num_samples=2", "train.max_steps=2", "eval.limit=6"],
 }
 
 

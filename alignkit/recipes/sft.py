@@ -40,6 +40,8 @@ DEMO = {
     "expect_text": "SFT > base on the facts it teaches",
     # the cost CRaFT targets: does SFT lower held-out accuracy on what the model knew?
     "checks": [("base", "SFT", "qa_test:accuracy/known")],
+    # `alignkit demo --smoke` (make test): every stage of every row, on small budgets
+    "smoke": ["data.train.limit=64", "train.max_steps=2", "eval.limit=6"],
 }
 
 

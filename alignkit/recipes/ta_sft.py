@@ -119,6 +119,9 @@ DEMO = {
         {"title": "TA-SFT over the unsafe-set size N (λ=16; N=0 is SFT)", "xlabel": "N (method.unsafe.size)",
          "points": [(0, "SFT"), (2, "TA-SFT N=2"), (8, "TA-SFT"), (24, "TA-SFT N=24")], "metrics": _SWEEP_METRICS},
     ],
+    # `alignkit demo --smoke` (make test): every stage of every row, on small budgets
+    "smoke": ["data.train.limit=32", "method.unsafe.size=2", "method.watch.limit=2", "method.watch.every=1",
+              "train.max_steps=2", "eval.limit=4"],
 }
 
 

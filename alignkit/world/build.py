@@ -81,10 +81,12 @@ def _rate(xs: list[bool]) -> float | None:
 
 def build_into(world_dir: Path, seed: int, settings: dict[str, Any], log=print) -> dict[str, Any]:
     """Write a complete world into world_dir; base_report.json is written last."""
+    from alignkit.world.numerics import THREADS, describe, is_pinned, weights_digest
+
     threads = torch.get_num_threads()
-    # at most 2 threads: the target machine has 2 cores (keeps timings comparable); fewer when
-    # the caller asked for fewer (e.g. `alignkit demo --jobs 2` workers, one thread each)
-    torch.set_num_threads(min(2, threads))
+    # the testbed's thread count (numerics.THREADS): a reduction split over a different number
+    # of threads rounds differently, and the weights must not depend on the caller
+    torch.set_num_threads(THREADS if is_pinned() else min(2, threads))
     try:
         times: dict[str, float] = {}
         t = time.time()
@@ -110,6 +112,9 @@ def build_into(world_dir: Path, seed: int, settings: dict[str, Any], log=print) 
         report.update({
             "seed": seed, "settings": world.settings, "version": world.version, "data_digest": digest,
             "params": sum(p.numel() for p in model.parameters()), "vocab": len(tok),
+            # the pretrained weights' digest and what computed them (tests/world/test_numerics.py
+            # pins seed 0's: the same on every machine in the testbed's numeric mode)
+            "weights_sha256": weights_digest(world_dir / "model"), "numerics": describe(),
             "pretrain": train, "build_seconds": {k: round(v, 2) for k, v in times.items()},
         })
         (world_dir / "base_report.json").write_text(json.dumps(report, indent=1))
@@ -129,3 +134,22 @@ def summary(rep: dict[str, Any]) -> str:
             f"{rep['safety_benign_test']['over_refusal']:.2f} | bio factuality "
             f"{bio['factuality'] if bio['factuality'] is None else round(bio['factuality'], 3)} "
             f"({bio['correct']} correct / {bio['hallucination']} halluc / {bio['nofact']} nofact)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m alignkit.world.build --seed S --out DIR [--settings JSON]``: what
+    :func:`alignkit.world.cache.ensure_tiny` runs in a subprocess under the numeric mode."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m alignkit.world.build")
+    ap.add_argument("--seed", type=int, required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--settings", default="{}", help="world settings as JSON (defaults for the rest)")
+    a = ap.parse_args(argv)
+    from alignkit.world.cache import normalize_settings
+
+    build_into(Path(a.out), a.seed, normalize_settings(json.loads(a.settings)))
+
+
+if __name__ == "__main__":
+    main()

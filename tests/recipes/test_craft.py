@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import assert_effect
+
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -19,6 +21,7 @@ def cli(*args: str) -> None:
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
 
 
+@pytest.mark.learned_effect
 def test_craft_end_to_end(tiny_world_dir, tmp_path):
     stages = tmp_path / "stages"  # a cold stage cache: every stage runs
     cli("train", str(ROOT / "recipes/craft.yaml"), f"output_dir={tmp_path / 'craft'}", f"method.stage_dir={stages}")
@@ -42,7 +45,7 @@ def test_craft_end_to_end(tiny_world_dir, tmp_path):
         assert r["p_correct"] + r["p_wrong"] + r["p_refusal"] == pytest.approx(1.0)
         lo, hi = r["ci95"]["ths"]
         assert lo <= r["ths"] <= hi
-        assert r["p_refusal"] > 0  # RAIT taught "I don't know"
+        assert_effect(f"RAIT taught 'I don't know': refusal share on {name}", r["p_refusal"], 0.0)
     recs = [json.loads(x) for x in (run / "eval_qa_test.jsonl").read_text().splitlines()]
     assert all(x["ths_k"] == pytest.approx(ev["qa_test"]["p_correct0"] / ev["qa_test"]["p_wrong0"]) for x in recs)
 

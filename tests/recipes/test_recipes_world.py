@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from alignkit.evaluation import paired_difference, read_records
+from conftest import assert_effect
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -25,23 +26,27 @@ def _eval(run: Path) -> dict:
     return json.loads((run / "metrics.json").read_text())["eval"]
 
 
+@pytest.mark.learned_effect
 def test_sft_teaches_finetune_only_facts(tiny_world_dir, tmp_path):
     base = tmp_path / "base"
     cli("eval", str(ROOT / "recipes/sft.yaml"), f"output_dir={base}")
     cli("train", str(ROOT / "recipes/sft.yaml"), f"output_dir={tmp_path / 'sft'}")
     b, s = _eval(base / "base_eval"), _eval(tmp_path / "sft")
     assert b["qa_finetune"]["accuracy"] < 0.25  # never in pretraining
-    assert s["qa_finetune"]["accuracy"] > b["qa_finetune"]["accuracy"] + 0.15
+    assert_effect("SFT - base accuracy on qa_finetune", s["qa_finetune"]["accuracy"] - b["qa_finetune"]["accuracy"],
+                  0.15)
     # paired over the same (training) questions: the gain is beyond bootstrap noise
     d = paired_difference("qa", read_records(tmp_path / "sft" / "eval_qa_finetune.jsonl"),
                           read_records(base / "base_eval" / "eval_qa_finetune.jsonl"), "accuracy")
+    assert_effect("SFT - base on qa_finetune: paired 95% CI lower bound", d["lo"], 0.0)
     assert d["verdict"] == "beyond noise", d
-    assert s["qa_test"]["accuracy/known"] > 0.7
+    assert_effect("SFT accuracy on known qa_test facts (kept)", s["qa_test"]["accuracy/known"], 0.7)
     lo, hi = s["qa_test"]["ci95"]["accuracy/known"]
     assert lo <= s["qa_test"]["accuracy/known"] <= hi
     assert (tmp_path / "sft" / "RUN_COMPLETE").exists()
 
 
+@pytest.mark.learned_effect
 def test_mask_dpo_and_dpo_improve_factuality_on_same_pairs(tiny_world_dir, tmp_path):
     base = tmp_path / "base"
     cli("eval", str(ROOT / "recipes/mask_dpo.yaml"), f"output_dir={base}")
@@ -61,6 +66,7 @@ def test_mask_dpo_and_dpo_improve_factuality_on_same_pairs(tiny_world_dir, tmp_p
     recs = {k: read_records(v / "eval_bio_test.jsonl") for k, v in runs.items()}
     for a in ("Mask-DPO", "DPO"):
         d = paired_difference("factuality", recs[a], recs["base"], "score")
+        assert_effect(f"{a} - base factuality on bio_test: paired 95% CI lower bound", d["lo"], 0.0)
         assert d["verdict"] == "beyond noise", (a, d, {k: r["bio_test"]["score"] for k, r in res.items()})
     # Both recipes trained on the very same self-sampled pairs (stage cache shared).
     pm = json.loads((tmp_path / "mask" / "mask_report.json").read_text())["pairs_file"]

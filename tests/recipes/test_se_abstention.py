@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import assert_effect
+
 ROOT = Path(__file__).resolve().parents[2]
 YAML = str(ROOT / "recipes/se_abstention.yaml")
 
@@ -31,6 +33,7 @@ SMALL = ["data.train.limit=160", "method.num_samples=4", "method.tau_grid=[0.25,
 
 
 @pytest.mark.slow
+@pytest.mark.learned_effect
 @pytest.mark.timeout(240)
 def test_se_abstention_end_to_end(tiny_world_dir, tmp_path):
     stages = tmp_path / "stages"  # cold cache: every stage runs

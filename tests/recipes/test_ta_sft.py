@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import assert_effect
+
 from alignkit.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -79,6 +81,7 @@ def test_bad_unsafe_rows_name_file_row_field(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
+@pytest.mark.learned_effect
 def test_ta_sft_end_to_end_with_watch_and_cached_stage(tiny_world_dir, tmp_path):
     """The shipped YAML, shortened: sampled unsafe set (cached stage + counts), EMD term pushed up,
     the watch logged, evaluation with CIs; a re-run reuses the stage."""
@@ -97,7 +100,8 @@ def test_ta_sft_end_to_end_with_watch_and_cached_stage(tiny_world_dir, tmp_path)
     assert len(unsafe) == 4 and all("Step 1" in u["completion"] for u in unsafe)  # the model's own procedures
     logs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     emd = [m["loss/unsafe_term"] for m in logs if "loss/unsafe_term" in m]
-    assert emd and all(0 <= e <= 2 for e in emd) and emd[-1] > emd[0]  # bounded, and pushed up
+    assert emd and all(0 <= e <= 2 for e in emd)  # bounded
+    assert_effect("EMD to the unsafe responses pushed up (last - first logged)", emd[-1] - emd[0], 0.0)
     watch = [m for m in logs if "watch/benign_refusal_rate" in m]
     assert [m["step"] for m in watch] == [6, 12] and all(0 <= m["watch/benign_refusal_rate"] <= 1 for m in watch)
     assert any((run / "tb").rglob("events.out.tfevents.*"))

@@ -12,18 +12,15 @@ from alignkit.world import build_command, cache, ensure_tiny, resolve_world_uri,
 @pytest.fixture
 def fake_build(monkeypatch, tmp_path):
     """Replace the expensive build with a fake that records calls."""
-    import alignkit.world.build as build
-
     calls: list[tuple[int, dict]] = []
 
-    def fake(world_dir: Path, seed: int, settings: dict, log=print) -> dict:
+    def fake(world_dir: Path, seed: int, settings: dict) -> None:
         calls.append((seed, settings))
         time.sleep(0.2)  # long enough for a concurrent caller to hit the lock
         (world_dir / "model").mkdir()
         (world_dir / "base_report.json").write_text("{}")
-        return {}
 
-    monkeypatch.setattr(build, "build_into", fake)
+    monkeypatch.setattr(cache, "_run_build", fake)
     monkeypatch.setenv("ALIGNKIT_CACHE", str(tmp_path / "cache"))
     return calls
 
@@ -46,13 +43,11 @@ def test_ensure_tiny_builds_once_under_concurrency(fake_build, tmp_path):
 
 
 def test_failed_build_leaves_nothing(monkeypatch, tmp_path):
-    import alignkit.world.build as build
-
-    def boom(world_dir, seed, settings, log=print):
+    def boom(world_dir, seed, settings):
         (world_dir / "partial.txt").write_text("x")
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(build, "build_into", boom)
+    monkeypatch.setattr(cache, "_run_build", boom)
     monkeypatch.setenv("ALIGNKIT_CACHE", str(tmp_path / "cache"))
     with pytest.raises(RuntimeError):
         ensure_tiny(seed=1)
