@@ -92,11 +92,12 @@ def test_run_item_passes_a_section_its_seed_name_dir_and_first_flag(monkeypatch,
     import alignkit.demo as demo
 
     calls = []
-    monkeypatch.setattr(demo, "_run_section", lambda s, name, out_dir, first=True: calls.append(
-        (s, name, out_dir, first)) or ({}, []))
+    monkeypatch.setattr(demo, "_run_section", lambda s, name, out_dir, first=True, smoke=False: calls.append(
+        (s, name, out_dir, first, smoke)) or ({}, []))
     item = ("section", 2, "mask_dpo", False)
     assert demo._run_item(item, tmp_path)[0] == item
-    assert calls == [(2, "mask_dpo", tmp_path, False)]
+    assert demo._run_item(item, tmp_path, True)[0] == item  # `alignkit demo --smoke` reaches the section
+    assert calls == [(2, "mask_dpo", tmp_path, False, False), (2, "mask_dpo", tmp_path, False, True)]
 
 
 def test_rows_run_on_the_first_seed_only_are_skipped_elsewhere(tmp_path):

@@ -28,7 +28,9 @@ def _jsonl(path) -> list[dict]:
     return [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
 
 
-SMALL = ["data.train.limit=160", "method.num_samples=4", "method.tau_grid=[0.25,0.5,2.0]",
+# 160 of the 476 training questions: 3 epochs give the shipped YAML's 30 optimiser steps (1 epoch,
+# 10 steps, left the abstention phrase unlearned on qa_test on every seed).
+SMALL = ["data.train.limit=160", "train.num_train_epochs=3", "method.num_samples=4", "method.tau_grid=[0.25,0.5,2.0]",
          "method.signal_num_samples=3", "eval.limit=40"]
 
 
@@ -71,7 +73,8 @@ def test_se_abstention_end_to_end(tiny_world_dir, tmp_path):
         recs = _jsonl(run / f"eval_{name}.jsonl")
         assert [x["refusal"] for x in recs] == ["i don't know the answer" in x["response"].lower() for x in recs]
         assert sum(x["refusal"] for x in recs) == r["n_refusal"] and not any(x["refusal"] and x["correct"] for x in recs)
-    assert rep["buckets"]["abstain"] == 0 or ev["qa_test"]["n_refusal"] > 0  # it learned to abstain
+    assert rep["buckets"]["abstain"] > 0  # the selected threshold trains abstentions
+    assert_effect("SE abstention: abstention rate on held-out qa_test", ev["qa_test"]["n_refusal"] / 40, 0.1)
     tr = json.loads((run / "train_results.json").read_text())
     assert len(tr["demo"]["adaptation"]) == 3
     sq = tr["demo"]["signal_quality"]
