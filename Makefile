@@ -18,7 +18,7 @@ PYTEST_ARGS ?=
 # demo number are identical between CPUs. The suite and the demo also set it themselves.
 TESTBED_NUMERICS := ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2,STRICT ONEDNN_MAX_CPU_ISA=AVX2 OMP_NUM_THREADS=2
 
-.PHONY: setup test test-fast demo margins bench bench-scaling lint clean
+.PHONY: setup test test-fast demo margins bench bench-scaling lint docs clean
 
 setup: $(STAMP)
 
@@ -67,6 +67,11 @@ bench-scaling: setup
 
 lint: setup
 	$(BIN)/ruff check alignkit tests benchmarks
+
+# The documentation site (mkdocs.yml, docs/) into site/. --strict turns a broken link or anchor,
+# a missing included recipe YAML or a page left out of the nav into an error.
+docs: setup
+	$(BIN)/mkdocs build --strict --site-dir site
 
 clean:
 	rm -rf $(VENV) .cache runs .pytest_cache
