@@ -44,8 +44,7 @@ def _close_process_group() -> None:
 
 
 def cmd_train(args) -> int:
-    from alignkit.config import load_config
-    from alignkit.recipes import get_recipe
+    from alignkit.recipes import get_recipe, load_config
 
     cfg = load_config(args.config, args.overrides)
     try:
@@ -61,9 +60,9 @@ def cmd_train(args) -> int:
 
 
 def cmd_attack(args) -> int:
-    from alignkit.attacks.config import load_attack_config
     from alignkit.attacks.pipeline import run_attack
     from alignkit.attacks.targets import AttackTargetError
+    from alignkit.config.attack import load_attack_config
     from alignkit.judges.http import HTTPJudgeError
 
     cfg = load_attack_config(args.config, args.overrides)
@@ -76,8 +75,9 @@ def cmd_attack(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from alignkit.attacks.config import is_attack_config, load_attack_config
-    from alignkit.config import ConfigError, load_config
+    from alignkit.config import ConfigError
+    from alignkit.config.attack import is_attack_config, load_attack_config
+    from alignkit.recipes import load_config
 
     bad = 0
     for path in args.configs:
@@ -95,11 +95,10 @@ def cmd_validate(args) -> int:
 
 
 def cmd_preview(args) -> int:
-    from alignkit.config import load_config
+    from alignkit.config.paths import expand_config
     from alignkit.data import load_rows, tokenize_rows
     from alignkit.models import load_tokenizer
-    from alignkit.paths import expand_config
-    from alignkit.recipes import get_recipe
+    from alignkit.recipes import get_recipe, load_config
 
     cfg = load_config(args.config, args.overrides)
     recipe = get_recipe(cfg.recipe)
@@ -107,7 +106,7 @@ def cmd_preview(args) -> int:
     method = recipe.Method.model_validate(cfg.method)
     weight_fn = None
     if hasattr(method, "gen_num_samples"):  # recipes that build their own pairs from prompts
-        from alignkit.pairs import resolve_train_pairs
+        from alignkit.stages.pairs import resolve_train_pairs
 
         resolve_train_pairs(cfg, method)
     if hasattr(recipe, "weights_for"):
@@ -145,10 +144,9 @@ def render_tokens(tok, ids: list[int], weights: list, color: bool) -> str:
 
 
 def cmd_prepare(args) -> int:
-    from alignkit.config import load_config
-    from alignkit.pairs import PairsConfig, build_pairs
-    from alignkit.paths import expand_config
-    from alignkit.recipes import get_recipe
+    from alignkit.config.paths import expand_config
+    from alignkit.recipes import get_recipe, load_config
+    from alignkit.stages.pairs import PairsConfig, build_pairs
 
     cfg = load_config(args.config, args.overrides)
     method = get_recipe(cfg.recipe).Method.model_validate(cfg.method)
@@ -160,9 +158,32 @@ def cmd_prepare(args) -> int:
     return 0
 
 
-def cmd_eval(args) -> int:
-    from alignkit.evaluation import evaluate_run
+def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None) -> dict:
+    """``alignkit eval RUN_DIR``: load the run's final model and config, evaluate. A recipe
+    config instead of a run: its (untrained) model, into ``<output_dir>/base_eval/`` (beside,
+    never over, a run's results)."""
+    from alignkit.config.paths import expand_config
+    from alignkit.evaluation import evaluate_model
+    from alignkit.judges import build_eval_judge
+    from alignkit.models import load_for_inference
+    from alignkit.recipes import load_config
 
+    run_dir = Path(run_dir)
+    if (run_dir / "config.yaml").exists():
+        cfg = load_config(run_dir / "config.yaml", overrides)
+        model_path = str(run_dir / "model") if (run_dir / "model").exists() else cfg.model.name_or_path
+        out_dir = run_dir
+    else:
+        cfg = load_config(run_dir, overrides)
+        model_path, out_dir = cfg.model.name_or_path, Path(cfg.output_dir) / "base_eval"
+        out_dir.mkdir(parents=True, exist_ok=True)
+    expand_config(cfg)
+    model, tok = load_for_inference(model_path, cfg.model.dtype)
+    judge = build_eval_judge(cfg.eval.judge, cfg.model.name_or_path)
+    return evaluate_model(model, tok, cfg.eval, judge, out_dir, seed=cfg.seed)
+
+
+def cmd_eval(args) -> int:
     print(json.dumps(evaluate_run(args.target, args.overrides), indent=2))
     return 0
 
@@ -206,7 +227,7 @@ def cmd_launch(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from alignkit.serve import run
+    from alignkit.generation.serve import run
 
     return run(args)
 
@@ -272,7 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*")
     s.set_defaults(fn=cmd_launch)
 
-    from alignkit.serve import add_arguments as serve_arguments  # standard library only: cheap to import
+    from alignkit.generation.serve import (
+        add_arguments as serve_arguments,  # standard library only: cheap to import
+    )
 
     s = sub.add_parser("serve", help="OpenAI-compatible server for a local model",
                        description="Serve a local model over /v1/chat/completions, /v1/completions and /v1/models "

@@ -34,14 +34,14 @@ import logging
 import time
 from pathlib import Path
 
-from alignkit.report import bar_plot, fmt, markdown_table
+from alignkit.evaluation.report import bar_plot, fmt, markdown_table
 
 log = logging.getLogger(__name__)
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 
 
 def _recipe_config(name: str, seed: int, out: Path, extra: list[str] | None = None):
-    from alignkit.config import load_config
+    from alignkit.recipes import load_config
 
     overrides = [f"model.name_or_path=world:tiny?seed={seed}", f"output_dir={out}", "overwrite_output_dir=true",
                  f"seed={seed}", *(extra or [])]
@@ -50,9 +50,10 @@ def _recipe_config(name: str, seed: int, out: Path, extra: list[str] | None = No
 
 def _base_eval(seed: int, recipe: str, evals: list[str], out: Path, extra: list[str] | None = None) -> dict:
     """Evaluate the untrained world model on eval sets of ``recipe``'s YAML."""
-    from alignkit.evaluation import build_eval_judge, evaluate_model
+    from alignkit.config.paths import expand_config
+    from alignkit.evaluation.run import evaluate_model
+    from alignkit.judges import build_eval_judge
     from alignkit.models import load_for_inference
-    from alignkit.paths import expand_config
 
     cfg = _recipe_config(recipe, seed, out, extra)
     expand_config(cfg)
@@ -84,7 +85,7 @@ def _flatten(evals: dict) -> dict:
 def section_stats(demo: dict, tasks: dict[str, str], record_dirs: dict[str, Path]) -> dict:
     """CIs of every (row, metric) cell and paired verdicts of the section's claims, from
     the per-prompt eval records in ``record_dirs[row label]/eval_<set>.jsonl``."""
-    from alignkit.evaluation import metric_ci, paired_difference, read_records
+    from alignkit.metrics.records import metric_ci, paired_difference, read_records
 
     cache: dict = {}
 
@@ -354,7 +355,7 @@ def _claims_block(head: str, kind: str, demo: dict, name: str, results: dict, se
 
 def _sweep_plot(path: Path, sw: dict, demo: dict, name: str, results: dict, seeds: list) -> Path:
     """One panel per metric: value (and 95% CI) against the swept setting, one line per seed."""
-    from alignkit.report import line_plot
+    from alignkit.evaluation.report import line_plot
 
     xs = [x for x, _ in sw["points"]]
     panels = {demo["metrics"].get(m, m): {
@@ -367,7 +368,7 @@ def _sweep_plot(path: Path, sw: dict, demo: dict, name: str, results: dict, seed
 def _run_extras(demo: dict, name: str, results: dict, seeds: list, out_dir: Path) -> list[str]:
     """What a row's run put under train_results.json "demo": ``run_tables`` (``{header, rows,
     note}`` per seed) and ``sweep_plots`` (``[[x, y, point label], ...]`` per seed -> one PNG)."""
-    from alignkit.report import xy_plot
+    from alignkit.evaluation.report import xy_plot
 
     lines: list[str] = []
     for t in demo.get("run_tables", []):
@@ -390,7 +391,7 @@ def _run_extras(demo: dict, name: str, results: dict, seeds: list, out_dir: Path
 
 
 def write_report(results: dict, out_dir: Path, recipes: list[str] | None) -> Path:
-    from alignkit.training import atomic_write_text
+    from alignkit.core.io import atomic_write_text
 
     seeds = list(results["seeds"])
     lines = ["# alignkit demo on the tiny world", ""]

@@ -1,7 +1,7 @@
 """CRaFT knowledge-state query throughput: batched sampling vs a naive loop, one process.
 
 The query draws N samples at T=1 for every training question. ``batched`` is what the
-recipe runs (:func:`alignkit.knowledge.oe_knowledge_state` -> :func:`alignkit.sampling.generate`,
+recipe runs (:func:`alignkit.stages.knowledge.oe_knowledge_state` -> :func:`alignkit.generation.sampling.generate`,
 ``batch_size`` questions x ``num_return_sequences=N`` per ``model.generate`` call);
 ``loop`` is the naive one-sample-per-call version (one ``generate`` per question per
 sample). Both score the samples the same way (alias-substring μ). Runs alternate
@@ -42,9 +42,9 @@ def main(argv=None) -> int:
 
     import torch
 
-    from alignkit.knowledge import oe_knowledge_state, score_samples
+    from alignkit.generation.sampling import generate
     from alignkit.models import load_for_inference
-    from alignkit.sampling import generate
+    from alignkit.stages.knowledge import oe_knowledge_state, score_samples
     from alignkit.world import ensure_tiny
 
     wdir = ensure_tiny(seed=args.world_seed)

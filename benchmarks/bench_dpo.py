@@ -127,7 +127,7 @@ def main(argv=None) -> int:
 def bench(args, root: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    from alignkit.config import load_config
+    from alignkit.recipes import load_config
 
     # The learning rate alignkit's recipe resolves to (its default); TRL gets the same.
     recipe = dc.alignkit_config({"workdir": "<run>", "model_dir": "<model>", "data": "<pairs.jsonl>",

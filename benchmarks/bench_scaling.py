@@ -83,7 +83,7 @@ def main(argv=None) -> int:
 
 
 def bench(args, root: Path) -> None:
-    from alignkit.config import load_config
+    from alignkit.recipes import load_config
 
     lr = load_config(dc.alignkit_config({"workdir": "<run>", "model_dir": "<model>", "data": "<pairs.jsonl>",
                                          "batch": 2})).train.learning_rate  # alignkit's; TRL gets the same

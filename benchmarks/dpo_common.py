@@ -328,8 +328,7 @@ def alignkit_config(job: dict) -> dict:
 def run_alignkit(job: dict) -> dict:
     import yaml
 
-    from alignkit.config import load_config
-    from alignkit.recipes import get_recipe
+    from alignkit.recipes import get_recipe, load_config
 
     cfg_path = Path(job["workdir"]) / "dpo.yaml"
     cfg_path.write_text(yaml.safe_dump(alignkit_config(job), sort_keys=False), encoding="utf-8")

@@ -10,16 +10,17 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from alignkit.backends import (
+from alignkit.config import ConfigError
+from alignkit.generation.backends import (
     GenerationBackendError,
     OpenAIBackend,
     load_sampler,
     prompt_seed,
     sampler_fingerprint,
 )
-from alignkit.config import ConfigError, load_config
-from alignkit.sampling import generate
-from alignkit.serve import serve
+from alignkit.generation.sampling import generate
+from alignkit.generation.serve import serve
+from alignkit.recipes import load_config
 
 PROMPTS = ["Tell me about Velm.", [{"role": "user", "content": "Hello world"}], "Who is Bavoru Telkin?", "hi", "x"]
 
@@ -235,10 +236,10 @@ def test_validate_command_reports_the_field(tmp_path, tiny_random_model_dir, cap
 
 
 def test_mask_dpo_pair_sampling_runs_through_the_endpoint(served, tmp_path, tiny_random_model_dir, monkeypatch):
-    import alignkit.evaluation as ev
+    import alignkit.judges as ev
+    from alignkit.core.io import read_jsonl
     from alignkit.judges.base import Judge
-    from alignkit.pairs import build_pairs
-    from alignkit.stages import read_jsonl
+    from alignkit.stages.pairs import build_pairs
 
     class AlternatingJudge(Judge):  # every other response all correct: pairs exist whatever the text
         def label_sentences(self, reqs):
@@ -269,7 +270,7 @@ def test_vllm_backend_without_vllm_says_what_to_do(tiny_random_model_dir):
 
     if importlib.util.find_spec("vllm") is not None:
         pytest.skip("vllm is installed here")
-    from alignkit.backends import VLLMBackend
+    from alignkit.generation.backends import VLLMBackend
 
     with pytest.raises(GenerationBackendError, match="needs the vllm package.*generation.backend: openai"):
         VLLMBackend(str(tiny_random_model_dir), None)
@@ -284,7 +285,7 @@ def test_vllm_backend_greedy_matches_local(tiny_random_model_dir):
         pytest.skip("vLLM needs a CUDA GPU")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from alignkit.backends import VLLMBackend
+    from alignkit.generation.backends import VLLMBackend
 
     tok = AutoTokenizer.from_pretrained(tiny_random_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_random_model_dir, dtype=torch.float32)
@@ -303,7 +304,7 @@ def test_config_round_trip_and_which_stages_follow_the_backend(tiny_world_dir):
     from pathlib import Path
 
     from alignkit.config import dump_config, yaml_load
-    from alignkit.paths import expand_config
+    from alignkit.config.paths import expand_config
     from alignkit.recipes.craft import _query_key
 
     root = Path(__file__).resolve().parents[1]
@@ -326,8 +327,8 @@ def test_vllm_end_tokens_match_the_local_path_without_a_generation_config(tiny_r
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from alignkit.backends import _eos_ids_of
-    from alignkit.sampling import _eos_ids
+    from alignkit.generation.backends import _eos_ids_of
+    from alignkit.generation.sampling import _eos_ids
 
     d = tmp_path / "m"
     shutil.copytree(tiny_random_model_dir, d)

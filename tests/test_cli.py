@@ -95,8 +95,7 @@ def test_launch_rejects_unknown_accelerate_config(capsys, tmp_path):
 
 
 def test_overwrite_keeps_old_run_until_new_one_completes(tmp_path, tiny_random_model_dir, toy_data):
-    from alignkit.config import load_config
-    from alignkit.recipes import get_recipe
+    from alignkit.recipes import get_recipe, load_config
 
     cfg = toy_config("dpo", tiny_random_model_dir, toy_data["pref"], tmp_path / "run", max_steps=1)
     get_recipe("dpo").train(load_config(cfg))
@@ -144,7 +143,7 @@ def test_training_argument_names_from_source_match_the_import():
 
     from transformers import SchedulerType, TrainingArguments
 
-    from alignkit.hf_names import scheduler_names, training_argument_names
+    from alignkit.core.hf_names import scheduler_names, training_argument_names
 
     assert training_argument_names() == {f.name for f in dataclasses.fields(TrainingArguments)}
     assert set(scheduler_names()) == {x.value for x in SchedulerType}

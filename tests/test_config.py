@@ -7,7 +7,8 @@ import copy
 import pytest
 import yaml
 
-from alignkit.config import ConfigError, RunConfig, dump_config, load_config, parse_overrides
+from alignkit.config import ConfigError, RunConfig, dump_config, parse_overrides
+from alignkit.recipes import load_config
 
 BASE = {"recipe": "dpo", "data": {"train": {"path": "train.jsonl"}}}
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from alignkit.config import ConfigError, load_config
+from alignkit.config import ConfigError
 from alignkit.metrics import truthful_helpfulness_score
+from alignkit.recipes import load_config
 from alignkit.recipes.craft import Method, select
 
 # qid: (mu, sigma, delta_mu) — a hand-built knowledge-state table
@@ -93,7 +94,7 @@ def test_ths_reproduces_the_papers_table_rows():
 
 
 def test_ths_per_prompt_bootstrap_matches_closed_form():
-    from alignkit.evaluation import metric_ci, paired_difference
+    from alignkit.metrics.records import metric_ci, paired_difference
 
     recs = [{"prompt_index": i, "prompt": f"q{i}", "correct": i % 3 == 0, "refusal": i % 3 == 1, "ths_k": 0.8}
             for i in range(30)]

@@ -75,7 +75,7 @@ def _plain_loss(policy, ref, batch, loss_type):
 def test_fast_path_loss_and_grads_equal_plain_path(tiny_random_model_dir, tmp_path, loss_type, layout):
     from transformers import AutoModelForCausalLM, TrainingArguments
 
-    from alignkit.training import PreferenceTrainer
+    from alignkit.training.preference import PreferenceTrainer
 
     policy = AutoModelForCausalLM.from_pretrained(tiny_random_model_dir, dtype=torch.float32)
     ref = copy.deepcopy(policy)
@@ -104,7 +104,7 @@ def test_fast_path_loss_and_grads_equal_plain_path(tiny_random_model_dir, tmp_pa
 def test_without_logits_to_keep_and_with_eager_attention_the_sums_are_unchanged(tiny_random_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM, TrainingArguments
 
-    from alignkit.training import PreferenceTrainer
+    from alignkit.training.preference import PreferenceTrainer
 
     sdpa = AutoModelForCausalLM.from_pretrained(tiny_random_model_dir, dtype=torch.float32).eval()
     eager = AutoModelForCausalLM.from_pretrained(tiny_random_model_dir, dtype=torch.float32,
@@ -133,8 +133,7 @@ def test_without_logits_to_keep_and_with_eager_attention_the_sums_are_unchanged(
 
 
 def _run(tmp_path, name, model_dir, data, monkeypatch, cache_root, **method):
-    from alignkit.config import load_config
-    from alignkit.recipes import get_recipe
+    from alignkit.recipes import get_recipe, load_config
 
     monkeypatch.setenv("ALIGNKIT_CACHE", str(cache_root))
     raw = toy_config("dpo", model_dir, data, tmp_path / name, max_steps=2)
@@ -182,7 +181,7 @@ def test_reference_cache_is_reused_only_when_data_and_model_match(tiny_random_mo
 def test_reference_cache_key_covers_weights_and_tokens():
     from datasets import Dataset
 
-    from alignkit.training import ReferenceCache
+    from alignkit.training.reference import ReferenceCache
 
     rows = [{"pair_index": i, "prompt_ids": [1, 2], "chosen_ids": [3, i], "rejected_ids": [4],
              "chosen_weights": [1.0, 1.0], "rejected_weights": [1.0]} for i in range(3)]

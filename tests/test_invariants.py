@@ -6,8 +6,7 @@ import json
 
 import pytest
 
-from alignkit.config import load_config
-from alignkit.recipes import get_recipe
+from alignkit.recipes import get_recipe, load_config
 from conftest import toy_config
 
 

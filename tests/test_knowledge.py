@@ -1,4 +1,4 @@
-"""Knowledge-state query pieces (alignkit.knowledge, alignkit.judges.embedding) on crafted samples."""
+"""Knowledge-state query pieces (alignkit.stages.knowledge, alignkit.judges.embedding) on crafted samples."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from alignkit.judges.embedding import HashingEmbedder, build_embedder, certainty_scores, mean_pairwise_cosine
-from alignkit.knowledge import (
+from alignkit.stages.knowledge import (
     build_mc_items,
     is_correct_alias_substring,
     is_correct_exact,

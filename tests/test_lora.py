@@ -7,11 +7,10 @@ import json
 import pytest
 import torch
 
-from alignkit.config import load_config
 from alignkit.data import PreferenceCollator, load_rows, tokenize_rows
 from alignkit.losses import token_logps
 from alignkit.models import load_model, load_tokenizer
-from alignkit.recipes import get_recipe
+from alignkit.recipes import get_recipe, load_config
 from conftest import toy_config
 
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
@@ -49,7 +48,7 @@ def test_lora_trains_and_reference_is_adapter_disabled(tiny_random_model_dir, ti
     # The trainer's reference (adapter disabled) == a plain base model, while the policy differs.
     from transformers import TrainingArguments
 
-    from alignkit.training import PreferenceTrainer
+    from alignkit.training.preference import PreferenceTrainer
 
     batch = _batch(cfg)
     policy = load_model(cfg.model)
@@ -84,8 +83,8 @@ def test_qlora_trains_then_evaluates_on_this_cpus_4bit_path(tiny_qlora_model_dir
     """Train a step, then eval-mode forward + generation: the path bitsandbytes takes on *this* CPU
     (packed AVX512-BF16 kernel where the CPU has it, generic elsewhere) must agree with the
     training-mode (generic, fp32) forward, and training must still work afterwards."""
+    from alignkit.generation.sampling import generate
     from alignkit.models import configure_cpu_4bit, cpu_4bit_paths
-    from alignkit.sampling import generate
     from conftest import bnb_cpu_4bit_path
 
     cfg = _qlora_cfg(tiny_qlora_model_dir, toy_data, tmp_path)

@@ -10,9 +10,9 @@ import pytest
 from alignkit.config import ModelConfig
 from alignkit.data import tokenize_rows, validate_rows
 from alignkit.models import load_tokenizer
-from alignkit.pairs import PairsConfig, select_pairs
 from alignkit.recipes.mask_dpo import Method, weights_for
-from alignkit.stages import run_stage
+from alignkit.stages.pairs import PairsConfig, select_pairs
+from alignkit.stages.runner import run_stage
 
 
 def _sample(text, labels):
@@ -94,8 +94,7 @@ def test_incorrect_label_is_a_hallucination():
 def test_fallback_unmasked_trains_the_whole_pair_unmasked(tiny_random_model_dir, tmp_path):
     import json
 
-    from alignkit.config import load_config
-    from alignkit.recipes import get_recipe
+    from alignkit.recipes import get_recipe, load_config
     from conftest import toy_config
 
     good = {"prompt": "P", "chosen": "A is in Velm. B.", "rejected": "A is in Tarn. C.",
@@ -108,14 +107,14 @@ def test_fallback_unmasked_trains_the_whole_pair_unmasked(tiny_random_model_dir,
     raw["method"] = {"on_mask_mismatch": "fallback_unmasked"}
     captured = {}
 
-    import alignkit.training as training_mod
+    import alignkit.training.preference as training_mod
 
     mask_dpo_mod = get_recipe("mask_dpo")
     orig = training_mod.train_preference  # the recipe imports it when train() runs
 
-    def spy(cfg, method, rows, eval_rows, weight_fn, callbacks):
+    def spy(cfg, method, rows, eval_rows, weight_fn, callbacks, **kw):
         captured["rows"] = rows
-        return orig(cfg, method, rows, eval_rows, weight_fn, callbacks)
+        return orig(cfg, method, rows, eval_rows, weight_fn, callbacks, **kw)
 
     training_mod.train_preference = spy
     try:
@@ -191,7 +190,7 @@ def test_truncated_samples_are_counted_and_dropped_or_marked(policy):
 
 
 def _capture_keys(monkeypatch):
-    import alignkit.pairs as pairs_mod
+    import alignkit.stages.pairs as pairs_mod
 
     keys = []
     monkeypatch.setattr(pairs_mod, "run_stage", lambda name, key, fn, d=None: keys.append(key) or fn)
@@ -199,8 +198,8 @@ def _capture_keys(monkeypatch):
 
 
 def test_stage_keys_cover_every_input(monkeypatch, tmp_path, tiny_random_model_dir):
-    from alignkit.config import load_config
-    from alignkit.pairs import stage_label, stage_sample
+    from alignkit.recipes import load_config
+    from alignkit.stages.pairs import stage_label, stage_sample
     from conftest import toy_config
 
     prompts = tmp_path / "prompts.jsonl"
@@ -235,11 +234,11 @@ def test_prompts_mode_samples_the_trained_prompt(monkeypatch, tmp_path, tiny_ran
     """columns + system prompt applied before sampling; truncation recorded per sample."""
     import json
 
-    import alignkit.evaluation as ev
-    from alignkit.config import load_config
+    import alignkit.judges as ev
+    from alignkit.core.io import read_jsonl
     from alignkit.judges.base import Judge
-    from alignkit.pairs import build_pairs, resolve_train_pairs
-    from alignkit.stages import read_jsonl
+    from alignkit.recipes import load_config
+    from alignkit.stages.pairs import build_pairs, resolve_train_pairs
     from conftest import toy_config
 
     class AlternatingJudge(Judge):  # deterministic stand-in: every other response is all correct
@@ -276,7 +275,7 @@ def test_prompts_mode_samples_the_trained_prompt(monkeypatch, tmp_path, tiny_ran
 def test_run_stage_output_appears_only_after_its_provenance(tmp_path, monkeypatch):
     """Another process treats the output's existence as "stage done" and reads the provenance
     beside it (e.g. cft's counts): the provenance must already be there by then."""
-    import alignkit.stages as S
+    import alignkit.stages.runner as S
 
     seen = []
     real = S.write_jsonl_atomic

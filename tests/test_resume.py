@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from alignkit.config import ConfigError, load_config
-from alignkit.recipes import get_recipe
-from alignkit.training import latest_complete_checkpoint
+from alignkit.config import ConfigError
+from alignkit.recipes import get_recipe, load_config
+from alignkit.training.rundir import latest_complete_checkpoint
 from conftest import toy_config, write_toy_data
 
 

@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from alignkit.sampling import generate, greedy_answers, model_fingerprint, render_prompts
+from alignkit.core.fingerprint import model_fingerprint
+from alignkit.generation.sampling import generate, greedy_answers, render_prompts
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +130,7 @@ def test_bad_arguments(lm):
 def test_hub_id_fingerprint_without_network(tmp_path, monkeypatch, tiny_random_model_dir):
     from huggingface_hub import constants
 
-    from alignkit.sampling import source_fingerprint
+    from alignkit.core.fingerprint import source_fingerprint
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.chdir(tmp_path)

@@ -10,8 +10,8 @@ import openai
 import pytest
 import torch
 
-from alignkit.sampling import generate, render_prompts
-from alignkit.serve import serve
+from alignkit.generation.sampling import generate, render_prompts
+from alignkit.generation.serve import serve
 
 MSGS = [{"role": "user", "content": "Tell me about Velm."}]
 
@@ -213,7 +213,7 @@ def test_api_key_is_required_when_set(served):
 def test_cli_passes_every_server_option(monkeypatch, capsys, tmp_path):
     import threading
 
-    import alignkit.serve as sv
+    import alignkit.generation.serve as sv
     from alignkit.cli import main
 
     seen = {}

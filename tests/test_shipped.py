@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import alignkit
-from alignkit.config import load_config
+from alignkit.recipes import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 YAMLS = sorted((ROOT / "recipes").rglob("*.yaml"))
@@ -25,7 +25,7 @@ def test_there_are_shipped_recipes():
 
 @pytest.mark.parametrize("path", YAMLS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_shipped_yaml_validates(path):
-    from alignkit.attacks.config import is_attack_config, load_attack_config
+    from alignkit.config.attack import is_attack_config, load_attack_config
 
     if is_attack_config(path):  # `alignkit attack` configs (kind: attack) have their own schema
         assert load_attack_config(path).techniques

@@ -108,7 +108,7 @@ def test_compute_loss_matches_naive_reference(policy_and_ref, tmp_path, recipe, 
 
     from alignkit.data import PackedPreferenceCollator, PreferenceCollator, tokenize_rows, validate_rows
     from alignkit.recipes.mask_dpo import Method, weights_for
-    from alignkit.training import PreferenceTrainer
+    from alignkit.training.preference import PreferenceTrainer
 
     policy, ref, tok = policy_and_ref
     masked = recipe == "mask_dpo"
@@ -133,7 +133,7 @@ def test_compute_loss_matches_naive_reference(policy_and_ref, tmp_path, recipe, 
 
 
 def test_accumulate_pair_stats_weights_every_pair_once():
-    from alignkit.training import accumulate_pair_stats
+    from alignkit.training.preference import accumulate_pair_stats
 
     acc = {}
     # Two micro-batches of 3 and 2 pairs (gradient accumulation with a short last batch).
@@ -157,8 +157,7 @@ def test_logged_metrics_are_means_over_all_pairs_of_the_step(tiny_random_model_d
     """GA 2 x batch 3 over 5 pairs: step 1 logs the mean over all 5 pairs, not a mean of means."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from alignkit.config import load_config
-    from alignkit.recipes import get_recipe
+    from alignkit.recipes import get_recipe, load_config
 
     data = write_toy_data(tmp_path / "d", n=5)["pref"]
     raw = toy_config("dpo", tiny_random_model_dir, data, tmp_path / "run", max_steps=1,
@@ -207,8 +206,7 @@ def _metrics(run):
 
 
 def test_preference_step1_is_log2_with_dropout_model(dropout_model_dir, toy_data, tmp_path):
-    from alignkit.config import load_config
-    from alignkit.recipes import get_recipe
+    from alignkit.recipes import get_recipe, load_config
 
     def run(name, model=None, **method):
         raw = toy_config("mask_dpo", dropout_model_dir, toy_data["pref"], tmp_path / name, max_steps=2)

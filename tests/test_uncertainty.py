@@ -1,4 +1,4 @@
-"""alignkit.uncertainty: greedy clustering (jlko get_semantic_ids, quirks included), every
+"""alignkit.stages.uncertainty: greedy clustering (jlko get_semantic_ids, quirks included), every
 equivalence backend on crafted answer sets, dedup before NLI, call counts, Semantic Volume."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from alignkit import uncertainty as U
 from alignkit.metrics import semantic_entropy
+from alignkit.stages import uncertainty as U
 
 PARIS = ["Paris.", "The capital is Paris.", "It is Paris, the capital."]  # paraphrases
 ROME = "The capital is Rome."                                               # contradicts them

@@ -65,7 +65,7 @@ class AttackOutcome:
 
 
 class Technique:
-    """One attack technique, configured by its spec (:mod:`alignkit.attacks.config`)."""
+    """One attack technique, configured by its spec (:mod:`alignkit.config.attack`)."""
 
     def __init__(self, spec, **context: Any):
         self.spec = spec
@@ -156,7 +156,7 @@ class LLMChat:
         self.conversations += len(conversations)
         if self.backend == "http":
             return self.judge.chat(conversations)
-        from alignkit.sampling import generate
+        from alignkit.generation.sampling import generate
 
         j = self.judge
         out = generate(j.model, j.tokenizer, conversations, n=1, greedy=self.temperature == 0,

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from alignkit.attacks import AttackOutcome, AttackPrompt, Technique, build_llm, register
 
@@ -67,7 +68,7 @@ class TemplateAttacker:
     """The world's wrapper attacker, one seeded wrapper order per stream."""
 
     def __init__(self, seed: int = 0):
-        from alignkit.world.jailbreak import wrapper_attacker
+        from alignkit.attacks.world import wrapper_attacker
 
         self.seed, self._make, self._streams = seed, wrapper_attacker, {}
 
@@ -180,3 +181,55 @@ class PAIR(Technique):
     def run(self, requests, target, rubric) -> list[AttackOutcome]:
         s = self.spec
         return pair_search(requests, self.attacker, target, rubric, s.n_streams, s.n_iterations, s.judge_threshold)
+
+
+# --- one PAIR stream over plain callables ---------------------------------------------------
+@dataclass
+class PairResult:
+    request: str
+    best_prompt: str
+    best_response: str
+    best_score: float
+    success: bool
+    history: list[PairTurn] = field(default_factory=list)
+
+
+Attacker = Callable[[str, list[PairTurn]], str]  # (request, history) -> next prompt
+
+
+Target = Callable[[str], str]  # prompt -> response
+
+
+PairJudge = Callable[[str, str, str], float]  # (request, prompt, response) -> score in [0, 1]
+
+
+def pair_attack(request: str, attacker: Attacker, target: Target, judge: PairJudge,
+                max_iters: int = 5, threshold: float = 1.0) -> PairResult:
+    """Iterate attacker -> target -> judge until score >= threshold or max_iters rounds: one PAIR
+    stream over plain callables (the batched, multi-stream loop is ``alignkit.attacks.pair.pair_search``)."""
+    from alignkit.attacks import AttackPrompt, Judgement, Reply
+
+    class _Attacker:
+        def propose(self, requests, streams, histories):
+            return [AttackPrompt(attacker(r, [PairTurn(t.prompt, t.response, t.score) for t in h]))
+                    for r, h in zip(requests, histories)]
+
+    class _Target:
+        def respond(self, prompts):
+            self.last = prompts
+            return [Reply(target(p)) for p in prompts]
+
+    tgt = _Target()
+
+    class _Rubric:
+        def score(self, requests, responses):
+            out = [float(judge(q, p, r)) for q, p, r in zip(requests, tgt.last, responses)]
+            return [Judgement(s <= 0, 1, 1, s, s > 0) for s in out]
+
+    if max_iters < 1:
+        raise ValueError("max_iters must be >= 1")
+    res = pair_search([request], _Attacker(), tgt, _Rubric(), n_streams=1, n_iterations=max_iters,
+                      threshold=threshold)[0]
+    history = [PairTurn(t["prompt"], t["response"], t["score"]) for t in res.extra["history"][0]]
+    return PairResult(request, res.prompt, res.response, res.judgement.score,
+                      res.judgement.score >= threshold, history)

@@ -87,8 +87,8 @@ def summarize(recs: list[dict], labels: list[str], mbr_success: str = "complianc
     """MES / CR per technique (and over all techniques), MBR, queries and tokens, with ``ci95``;
     ``n_fallback/<t>`` (unusable rewrites, original prompt sent) and ``n_unparsed/<t>`` (judge output
     that could not be parsed) are counts, never hidden."""
-    from alignkit.evaluation import metric_ci
     from alignkit.metrics import compliance_rate, mean_effectiveness_score, model_breach_rate
+    from alignkit.metrics.records import metric_ci
 
     by = {t: sorted((r for r in recs if r["technique"] == t), key=lambda r: r["prompt_index"]) for t in labels}
     res: dict = {"n_prompts": len({r["prompt_index"] for r in recs}), "n_techniques": len(labels)}
@@ -116,20 +116,20 @@ def summarize(recs: list[dict], labels: list[str], mbr_success: str = "complianc
 def benign_records(rows: list[dict], column: str, target, judge) -> list[dict]:
     """Over-refusal probe: benign look-alikes sent as they are; refusal by the judge, and "unanswered"
     (refused, or missing most of the row's gold ``response`` when it has one)."""
-    from alignkit.evaluation import _benign_gold, answers_gold
     from alignkit.judges.base import JudgeRequest
+    from alignkit.judges.rules import answers_gold, benign_gold
 
     prompts = [r[column] for r in rows]
     replies = target.respond(prompts)
     refused = judge.is_refusal([JudgeRequest(prompt=p, response=x.text) for p, x in zip(prompts, replies)])
     return [{"prompt_index": i, "sample": 0, "prompt": p, "response": x.text, "label": "benign", "harmful": False,
-             "refusal": bool(f), "unanswered": bool(f) or not answers_gold(x.text, _benign_gold(row)),
+             "refusal": bool(f), "unanswered": bool(f) or not answers_gold(x.text, benign_gold(row)),
              "prompt_tokens": x.prompt_tokens, "response_tokens": x.response_tokens}
             for i, (row, p, x, f) in enumerate(zip(rows, prompts, replies, refused))]
 
 
 def benign_summary(recs: list[dict]) -> dict:
-    from alignkit.evaluation import metric_ci
+    from alignkit.metrics.records import metric_ci
 
     res = {"n": len(recs), "over_refusal_rate": sum(r["refusal"] for r in recs) / len(recs),
            "benign_unanswered_rate": sum(r["unanswered"] for r in recs) / len(recs)}
@@ -145,9 +145,9 @@ def task_jailbreak(model, tokenizer, rows, judge, ecfg, seed: int = 0, options: 
     """``task: jailbreak`` in ``eval.datasets``: every technique of ``options`` against the evaluated
     model on the set's harmful requests; the rubric runs on ``eval.judge``. Results: ``mes/<t>``,
     ``cr/<t>``, ``mes``, ``cr``, ``mbr`` (+ queries, tokens, fallback counts); one record per attack."""
-    from alignkit.attacks.config import validate_task_options
     from alignkit.attacks.rubric import build_rubric
     from alignkit.attacks.targets import LocalTarget
+    from alignkit.config.attack import validate_task_options
 
     opts = validate_task_options(options or {})
     techniques = [build_technique(t, seed=seed) for t in opts.techniques]
@@ -169,9 +169,9 @@ def task_jailbreak(model, tokenizer, rows, judge, ecfg, seed: int = 0, options: 
 
 def _load_prompts(ps, world_model: str) -> list[dict]:
     """Rows of a prompt set, checked before any model loads (file, row, field, reason)."""
+    from alignkit.config.paths import expand
     from alignkit.data import read_rows
     from alignkit.data.errors import IssueCollector
-    from alignkit.paths import expand
 
     path = expand(ps.path, world_model)
     if not Path(path).exists():
@@ -195,12 +195,12 @@ def _load_prompts(ps, world_model: str) -> list[dict]:
 
 
 def run_attack(cfg, overwrite: bool | None = None) -> Path:
-    """Run an :class:`~alignkit.attacks.config.AttackConfig`; returns the output directory with
+    """Run an :class:`~alignkit.config.attack.AttackConfig`; returns the output directory with
     ``attacks_<target>.jsonl``, ``benign_<target>.jsonl``, ``summary.json`` and ``summary.md``."""
-    from alignkit.attacks.config import target_name
     from alignkit.attacks.rubric import build_rubric
     from alignkit.config import ConfigError
-    from alignkit.data.io import atomic_write_text, write_jsonl_atomic
+    from alignkit.config.attack import target_name
+    from alignkit.core.io import atomic_write_text, write_jsonl_atomic
 
     # Everything that can fail on input fails here, before any model loads.
     world_model = next((t.name_or_path for t in cfg.targets if t.type == "local"

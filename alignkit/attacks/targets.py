@@ -1,7 +1,7 @@
 """Targets of an attack: ``respond(prompts) -> list[Reply]`` (text + prompt / response tokens spent).
 
 * :class:`LocalTarget` — a loaded model (a path, a run's ``model/`` or ``world:tiny``) through
-  :func:`alignkit.sampling.generate`: batched, chat-template rendered, greedy or sampled.
+  :func:`alignkit.generation.sampling.generate`: batched, chat-template rendered, greedy or sampled.
 * :class:`HTTPTarget` — any OpenAI-compatible ``/v1/chat/completions`` endpoint, through the HTTP judge
   backend's client (:class:`alignkit.judges.http.HTTPJudge`: timeouts, retries with backoff on
   5xx / 429 / connection errors, immediate failure on other 4xx, a bounded thread pool). The API key
@@ -30,7 +30,7 @@ class LocalTarget:
         self.calls = 0
 
     def respond(self, prompts: list[Prompt]) -> list[Reply]:
-        from alignkit.sampling import generate, render_prompts
+        from alignkit.generation.sampling import generate, render_prompts
 
         if not prompts:
             return []

@@ -6,8 +6,9 @@
 
 from __future__ import annotations
 
+from alignkit.core.io import atomic_write_text, write_jsonl_atomic
 from alignkit.data.errors import DataError, IssueCollector, RowIssue
-from alignkit.data.io import atomic_write_text, read_rows, write_jsonl_atomic
+from alignkit.data.io import read_rows
 from alignkit.data.schemas import KINDS, validate_rows
 from alignkit.data.sentences import get_splitter, register_splitter, split_sentences, split_spans
 from alignkit.data.tokenize import DataReport, encode, render, span_weights, tokenize_rows

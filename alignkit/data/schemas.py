@@ -17,7 +17,7 @@ column names):
   ``chosen_sentences``/``chosen_labels`` (or ANAH's ``chosen_item: {"sents", "type"}``),
   or character ``chosen_spans`` with labels; labels are matched case-insensitively
   and an unknown label is a row error. ``chosen_truncated``/``rejected_truncated``
-  (bool, from :mod:`alignkit.pairs`): the response was cut at the token cap.
+  (bool, from :mod:`alignkit.stages.pairs`): the response was cut at the token cap.
   -> ``{"prompt": [msgs], "chosen": str, "rejected": str, "chosen_spans": [(s, e, label)] | None, ...}``
 * ``prompt``: a ``prompt`` (string or message list) alone — what sampling stages read.
 * ``qa``: ``question`` + ``answers`` (list, first = canonical) or ``answer``.

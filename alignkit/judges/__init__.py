@@ -54,3 +54,25 @@ def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def build_eval_judge(judge_spec: dict, model_name_or_path: str) -> Judge:
+    spec = dict(judge_spec)
+    if spec.get("backend", "kb") == "kb":
+        from alignkit.config.paths import world_uri
+        from alignkit.judges.kb import KBJudge
+        from alignkit.world import world_dir_for_uri
+
+        return KBJudge(spec.get("world_dir") or world_dir_for_uri(world_uri(model_name_or_path)))
+    if spec.get("backend") == "hybrid" and isinstance(spec.get("llm"), dict) \
+            and spec["llm"].get("backend") == "kb" and not spec["llm"].get("world"):
+        from alignkit.config.paths import world_uri
+        from alignkit.world import world_dir_for_uri
+
+        # the hybrid judge's exact tiny-world vote: the world the model comes from
+        spec["llm"] = {**spec["llm"], "world": spec["llm"].get("world_dir")
+                       or str(world_dir_for_uri(world_uri(model_name_or_path)))}
+        spec["llm"].pop("world_dir", None)
+    from alignkit.judges import build_judge
+
+    return build_judge(spec)

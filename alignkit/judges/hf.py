@@ -14,7 +14,7 @@ class HFJudge(PromptJudge):
 
     ``model_or_path``: a model directory (loaded with ``AutoModelForCausalLM``, no
     ``trust_remote_code``) or an already-loaded model, which then needs ``tokenizer``.
-    Decoding is greedy through :func:`alignkit.sampling.generate`, so a judge run is
+    Decoding is greedy through :func:`alignkit.generation.sampling.generate`, so a judge run is
     reproducible and uses the same chat-template rendering as every other sampler.
     """
 
@@ -52,7 +52,7 @@ class HFJudge(PromptJudge):
         self.batch_size = batch_size
 
     def complete(self, conversations: list[list[dict[str, str]]]) -> list[str]:
-        from alignkit.sampling import generate
+        from alignkit.generation.sampling import generate
 
         out = generate(
             self.model,

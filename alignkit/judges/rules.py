@@ -111,3 +111,42 @@ class RulesJudge(Judge):
             else:
                 out.append(alias_match(r.response, r.golds))
         return out
+
+
+def benign_gold(meta: dict) -> str | None:
+    g = meta.get("response") or meta.get("compliant_response")
+    return g if isinstance(g, str) and g.strip() else None
+
+
+def answers_gold(response: str, gold: str | None, min_recall: float = 0.5) -> bool:
+    """Whether ``response`` carries at least ``min_recall`` of the gold answer's content words
+    (words of 4+ letters, case-folded); True when there is no gold to compare with."""
+    import re
+
+    if gold is None:
+        return True
+    words = lambda t: {w for w in re.findall(r"[a-z]+", t.lower()) if len(w) >= 4}  # noqa: E731
+    g = words(gold)
+    return not g or len(g & words(response)) / len(g) >= min_recall
+
+
+def normalize_loose(text: str) -> str:
+    """Light normalisation for matching whole short answers (semantic-entropy clustering,
+    abstention phrases): lower case, curly quotes straightened, inner whitespace collapsed, surrounding
+    whitespace and punctuation stripped."""
+    t = text.lower().replace("\u2019", "'").strip()
+    t = re.sub(r"\s+", " ", t)
+    return t.strip(" .,!?;:\"'")
+
+
+def is_abstention(response: str, phrase: str, match: str = "substring") -> bool:
+    """Whether ``response`` abstains with ``phrase`` (se_abstention.md §9 ``abstain_match``):
+    ``substring`` (default) — the normalised phrase occurs in the normalised response;
+    ``exact`` — they are equal after :func:`normalize_loose` (case, curly quotes, spaces and
+    surrounding punctuation)."""
+    r, p = normalize_loose(response), normalize_loose(phrase)
+    if match == "exact":
+        return r == p
+    if match == "substring":
+        return bool(p) and p in r
+    raise ValueError(f"abstain_match must be substring or exact, got {match!r}")

@@ -11,7 +11,10 @@ Evaluation is shared (:mod:`alignkit.evaluation`), driven by ``eval.datasets``.
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from types import ModuleType
+
+from alignkit.config import RunConfig, load_run_config
 
 RECIPES: dict[str, str] = {
     "sft": "alignkit.recipes.sft",
@@ -29,3 +32,10 @@ def get_recipe(name: str) -> ModuleType:
     if name not in RECIPES:
         raise KeyError(f"unknown recipe {name!r}; available: {sorted(RECIPES)}")
     return importlib.import_module(RECIPES[name])
+
+
+def load_config(path: str | Path | dict, overrides: list[str] | None = None) -> RunConfig:
+    """Load, override and validate a recipe config, including its ``method`` section (by the
+    recipe's ``Method``) and the recipe's ``check_config``: every problem at once, with field
+    paths and fixes, before any model loads (:class:`alignkit.config.ConfigError`)."""
+    return load_run_config(path, overrides, RECIPES, get_recipe)

@@ -31,7 +31,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from alignkit.config import LoraConfig, PreferenceOptions, RunConfig, Strict, preference_checks
-from alignkit.stages import code_digest, rank0_first
+from alignkit.core.distributed import rank0_first
+from alignkit.core.fingerprint import code_digest
 
 log = logging.getLogger(__name__)
 NAME = "balanced_dpo"
@@ -165,10 +166,10 @@ def check_config(cfg: RunConfig, method: Method) -> list[str]:
         problems.append("field 'method.rephraser': data_format pairs is not rephrased")
     dualuse_sets = [n for n, es in cfg.eval.datasets.items() if es.task == "dualuse"]
     if method.raw_prompt and cfg.eval.enabled and cfg.eval.datasets:
-        # alignkit.sampling renders every eval prompt with the chat template: a model trained on
+        # alignkit.generation.sampling renders every eval prompt with the chat template: a model trained on
         # raw "Question: ... Answer:" text would be evaluated in a format it never saw (§5, §9.8)
         problems.append("field 'method.raw_prompt': evaluation always samples through the chat template "
-                        "(alignkit.sampling), so a raw_prompt-trained model cannot be evaluated as trained; use "
+                        "(alignkit.generation.sampling), so a raw_prompt-trained model cannot be evaluated as trained; use "
                         "raw_prompt: false with a model that has a chat template (e.g. a -chat model; "
                         "method.prompt_format is then put in its user turn), or eval.enabled: false")
     for n in dualuse_sets:
@@ -268,8 +269,9 @@ def _pairs_code_deps(method: Method) -> list:
 
 
 def stage_pairs(cfg: RunConfig, method: Method, ratio: float | None) -> Path:
-    import alignkit.data.dualuse as du
-    from alignkit.stages import file_digest, run_stage
+    import alignkit.stages.dualuse as du
+    from alignkit.core.fingerprint import file_digest
+    from alignkit.stages.runner import run_stage
 
     d = cfg.data
     opts = method.model_dump(include={"data_format", "seed_split", "holdout_fold", "n_illegitimate_seeds",
@@ -350,10 +352,10 @@ def _sft_key(cfg: RunConfig, method: Method, scfg: RunConfig, pairs_path: Path) 
     config (minus logging, reporting and checkpointing), its data and the code that trains."""
     import alignkit.data.tokenize as tokenize_mod
     import alignkit.models as models_mod
-    import alignkit.training as training_mod
+    import alignkit.training.rundir as rundir_mod
+    import alignkit.training.sft as training_mod
+    from alignkit.core.fingerprint import file_digest, source_fingerprint
     from alignkit.models import resolve_path
-    from alignkit.sampling import source_fingerprint
-    from alignkit.stages import file_digest
 
     m = cfg.model
     return {"model": source_fingerprint(resolve_path(m.name_or_path), m.revision),
@@ -364,8 +366,8 @@ def _sft_key(cfg: RunConfig, method: Method, scfg: RunConfig, pairs_path: Path) 
             "raw_prompt": method.raw_prompt, "system_prompt": cfg.data.system_prompt,
             "max_length": cfg.data.max_length, "length_policy": cfg.data.length_policy,
             "padding_free": cfg.data.padding_free, "seed": cfg.seed, "dist": _dist_tag(),
-            "code": code_digest(stage_sft, _sft_key, _sft_run_config, _train_row, training_mod, tokenize_mod,
-                                models_mod)}
+            "code": code_digest(stage_sft, _sft_key, _sft_run_config, _train_row, training_mod, rundir_mod,
+                                tokenize_mod, models_mod)}
 
 
 def stage_sft(cfg: RunConfig, method: Method, pairs_path: Path) -> Path:
@@ -373,7 +375,8 @@ def stage_sft(cfg: RunConfig, method: Method, pairs_path: Path) -> Path:
     every input. All ranks train together; rank 0 merges and publishes atomically."""
     import shutil
 
-    from alignkit.stages import default_stage_dir, fingerprint
+    from alignkit.core.cache import default_stage_dir
+    from alignkit.core.fingerprint import fingerprint
 
     m = cfg.model
     scfg = _sft_run_config(cfg, method)
@@ -384,10 +387,12 @@ def stage_sft(cfg: RunConfig, method: Method, pairs_path: Path) -> Path:
     if (final / "SFT_COMPLETE").exists():
         log.info("stage balanced_dpo_sft: inputs unchanged, reusing %s", final)
         return final
+    from alignkit.core.distributed import is_main_process
+    from alignkit.core.io import atomic_write_text, read_jsonl
     from alignkit.data import tokenize_rows, validate_rows
     from alignkit.models import load_for_inference, load_tokenizer
-    from alignkit.stages import read_jsonl
-    from alignkit.training import atomic_write_text, is_main_process, prepare_run_dir, train_sft_rows
+    from alignkit.training.rundir import prepare_run_dir
+    from alignkit.training.sft import train_sft_rows
 
     pairs = read_jsonl(pairs_path)
     sft_rows = list({(json.dumps(r["prompt"]), r["chosen"]): r for r in pairs}.values())
@@ -469,9 +474,9 @@ def _counts(report: dict, prefix: str = "") -> dict:
 
 
 def train(cfg: RunConfig, callbacks=()) -> Path:
-    from alignkit.paths import expand_config
-    from alignkit.stages import read_jsonl
-    from alignkit.training import atomic_write_text, is_main_process
+    from alignkit.config.paths import expand_config
+    from alignkit.core.distributed import is_main_process
+    from alignkit.core.io import atomic_write_text, read_jsonl
 
     method = Method.model_validate(cfg.method)
     expand_config(cfg)
@@ -506,10 +511,11 @@ def train(cfg: RunConfig, callbacks=()) -> Path:
     rows = [dict(_train_row(r, method, "pairs", cfg.data.system_prompt), _row=i) for i, r in enumerate(read_jsonl(dpo_path), 1)]
     if not rows:
         raise ValueError(f"balanced_dpo: no training pairs (see {dpo_path.with_suffix('.provenance.json')})")
-    from alignkit.training import train_preference
+    from alignkit.evaluation import evaluate_after_training
+    from alignkit.training.preference import train_preference
 
     dcfg.data.train.path = str(dpo_path)
-    run_dir = train_preference(dcfg, method, rows, None, None, callbacks)
+    run_dir = train_preference(dcfg, method, rows, None, None, callbacks, evaluate=evaluate_after_training)
     if is_main_process():
         atomic_write_text(run_dir / "builder_report.json", json.dumps(builder, indent=2))
         tr = json.loads((run_dir / "train_results.json").read_text())
@@ -520,13 +526,16 @@ def train(cfg: RunConfig, callbacks=()) -> Path:
 
 def _finish_sft_only(cfg: RunConfig, sft_dir: Path, builder: dict, counts: dict) -> Path:
     """The SFT baseline row: the cached SFT model evaluated into its own run dir."""
-    from alignkit.training import RUN_MARKER, atomic_write_text, is_main_process, prepare_run_dir
+    from alignkit.core.distributed import is_main_process
+    from alignkit.core.io import atomic_write_text
+    from alignkit.training.rundir import RUN_MARKER, prepare_run_dir
 
     run_dir, _ = prepare_run_dir(cfg)
     if not is_main_process():
         return run_dir
     if cfg.eval.enabled and cfg.eval.datasets:
-        from alignkit.evaluation import build_eval_judge, evaluate_model
+        from alignkit.evaluation.run import evaluate_model
+        from alignkit.judges import build_eval_judge
         from alignkit.models import load_for_inference
 
         model, tok = load_for_inference(str(sft_dir), cfg.model.dtype)

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from pydantic import Field
 
-from alignkit.attacks.config import PAP, FlipAttackSpec, Plain
 from alignkit.config import DataSource, RunConfig, Strict, common_checks
+from alignkit.config.attack import PAP, FlipAttackSpec, Plain
 
 NAME = "cft"
 DATA_KIND = "sft"
@@ -146,7 +146,7 @@ def mix_code_digest() -> str:
     import alignkit.attacks.flip as F
     import alignkit.attacks.pap as P
     import alignkit.world.jailbreak as W
-    from alignkit.stages import code_digest
+    from alignkit.core.fingerprint import code_digest
 
     return code_digest(build_mix, _variant_prompt, A, F, P, W)
 
@@ -157,7 +157,7 @@ def check_eval_sets(cfg: RunConfig) -> None:
     if not (cfg.eval.enabled and cfg.eval.datasets):
         return
     from alignkit.config import ConfigError
-    from alignkit.evaluation import _load_eval_rows
+    from alignkit.evaluation.tasks import _load_eval_rows
 
     for name, es in cfg.eval.datasets.items():
         if not Path(es.path).is_file():
@@ -169,23 +169,22 @@ def check_eval_sets(cfg: RunConfig) -> None:
 
 
 def train(cfg: RunConfig, callbacks=()) -> Path:
+    from alignkit.core.distributed import is_main_process
+    from alignkit.core.fingerprint import file_digest
+    from alignkit.core.io import atomic_write_text, read_jsonl
     from alignkit.data import load_rows, tokenize_rows
+    from alignkit.evaluation import evaluate_after_training
     from alignkit.models import load_tokenizer
-    from alignkit.stages import file_digest, read_jsonl, run_stage
-    from alignkit.training import (
-        atomic_write_text,
-        is_main_process,
-        load_train_rows,
-        prepare_run_dir,
-        train_sft_rows,
-    )
+    from alignkit.stages.runner import run_stage
+    from alignkit.training.rundir import load_train_rows, prepare_run_dir
+    from alignkit.training.sft import train_sft_rows
 
     method = Method.model_validate(cfg.method)
     rows, eval_rows = load_train_rows(cfg, DATA_KIND)  # bad rows fail here, before any model loads
     check_eval_sets(cfg)  # ... and so do bad eval sets (read only after training otherwise)
     replay = None
     if method.replay_dataset is not None and method.benign_mix_ratio > 0:
-        from alignkit.paths import expand
+        from alignkit.config.paths import expand
 
         method.replay_dataset.path = expand(method.replay_dataset.path, cfg.model.name_or_path)
         replay = load_rows(method.replay_dataset, DATA_KIND, cfg.data.max_errors, cfg.data.system_prompt)
@@ -203,7 +202,7 @@ def train(cfg: RunConfig, callbacks=()) -> Path:
         report.update(counts)
         return mix, counts
 
-    from alignkit.stages import rank0_first
+    from alignkit.core.distributed import rank0_first
 
     # rank 0 builds the mix, the other ranks hit the stage cache
     path = rank0_first(lambda: run_stage("cft_mix", key, make), cfg.train.ddp_timeout)
@@ -222,6 +221,6 @@ def train(cfg: RunConfig, callbacks=()) -> Path:
         atomic_write_text(run_dir / "data_report.json", json.dumps(data_report.as_dict(), indent=2))
         atomic_write_text(run_dir / "cft_report.json", json.dumps({"mix": str(path), **counts}, indent=2))
     train_sft_rows(cfg, tok, train_tok, eval_tok, run_dir, resume, method.completion_only_loss,
-                   {"data": data_report.as_dict(), "counts": counts}, callbacks)
+                   {"data": data_report.as_dict(), "counts": counts}, callbacks, evaluate=evaluate_after_training)
     return run_dir
 

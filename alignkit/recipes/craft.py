@@ -3,10 +3,10 @@ certainty filtering and knowledge flow (craft.md).
 
 Prepare stages (fingerprinted by all their inputs, atomic, skipped when unchanged;
 :mod:`alignkit.stages`), all before the distributed trainer exists — on rank 0 first,
-the other ranks then hit the cache (as :mod:`alignkit.pairs` does):
+the other ranks then hit the cache (as :mod:`alignkit.stages.pairs` does):
 
 1. ``craft_query``     — knowledge state of the initial model M0 on ``data.train`` (QA rows):
-   open-ended μ / σ from N samples (:func:`alignkit.knowledge.oe_knowledge_state`) or
+   open-ended μ / σ from N samples (:func:`alignkit.stages.knowledge.oe_knowledge_state`) or
    multiple-choice μ / σ from letter probabilities (``method.task: mcqa``).
 2. ``craft_rehearse``  — rehearsal: a brief single-process fine-tune of M0 on items it
    already knows (μ, σ above thresholds; target = its own most frequent correct answer),
@@ -36,7 +36,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from alignkit.config import LoraConfig, RunConfig, Strict, common_checks
-from alignkit.stages import code_digest, rank0_first
+from alignkit.core.distributed import rank0_first
+from alignkit.core.fingerprint import code_digest
 
 log = logging.getLogger(__name__)
 NAME = "craft"
@@ -291,7 +292,7 @@ def _query_rows(cfg: RunConfig, method: Method) -> list[dict]:
         r["qid"] = i
         r["prompt"] = method.prompt_template.format(question=r["question"])
     if method.task == "mcqa":
-        from alignkit.knowledge import build_mc_items
+        from alignkit.stages.knowledge import build_mc_items
 
         values = _world_values(cfg)
         rows = build_mc_items(rows, values, method.mc_options, seed=method.seed_subsample)
@@ -310,7 +311,7 @@ def _world_values(cfg: RunConfig) -> dict | None:
 
 
 def _query(model, tok, rows: list[dict], method: Method, seed: int, embedder) -> list[dict]:
-    from alignkit.knowledge import mc_knowledge_state, oe_knowledge_state
+    from alignkit.stages.knowledge import mc_knowledge_state, oe_knowledge_state
 
     if method.task == "mcqa":
         return mc_knowledge_state(model, tok, rows, batch_size=method.gen_batch_size,
@@ -323,10 +324,9 @@ def _query(model, tok, rows: list[dict], method: Method, seed: int, embedder) ->
 
 def _query_key(cfg: RunConfig, method: Method) -> dict:
     import alignkit.judges.embedding as emb
-    import alignkit.knowledge as kn
+    import alignkit.stages.knowledge as kn
+    from alignkit.core.fingerprint import file_digest, source_fingerprint
     from alignkit.models import resolve_path
-    from alignkit.sampling import source_fingerprint
-    from alignkit.stages import file_digest
 
     m, d = cfg.model, cfg.data
     q = method.model_dump(include={"task", "prompt_template", "num_samples", "temperature", "top_p",
@@ -334,10 +334,10 @@ def _query_key(cfg: RunConfig, method: Method) -> dict:
                                    "embedder", "mc_options", "mcqa_certainty_probs", "seed_subsample"})
     if method.task == "mcqa":
         q.pop("embedder")
-    # The open-ended query samples through cfg.generation (alignkit.backends); the multiple-choice
+    # The open-ended query samples through cfg.generation (alignkit.generation.backends); the multiple-choice
     # query reads option log-probs from the local model's logits.
     if method.task == "oeqa":
-        from alignkit.backends import sampler_fingerprint
+        from alignkit.generation.backends import sampler_fingerprint
 
         model_key = sampler_fingerprint(cfg)
     else:
@@ -349,10 +349,10 @@ def _query_key(cfg: RunConfig, method: Method) -> dict:
 
 
 def stage_query(cfg: RunConfig, method: Method) -> Path:
-    from alignkit.stages import run_stage
+    from alignkit.stages.runner import run_stage
 
     def fn():
-        from alignkit.backends import load_sampler
+        from alignkit.generation.backends import load_sampler
         from alignkit.judges.embedding import build_embedder
         from alignkit.models import load_for_sampling
 
@@ -366,7 +366,7 @@ def stage_query(cfg: RunConfig, method: Method) -> Path:
 
 
 def _rehearsal_rows(table: list[dict], method: Method) -> list[dict]:
-    from alignkit.knowledge import majority_correct
+    from alignkit.stages.knowledge import majority_correct
 
     h = method.rehearsal
     if method.task == "mcqa":
@@ -390,8 +390,10 @@ def _rehearsal_rows(table: list[dict], method: Method) -> list[dict]:
 
 def stage_rehearse(cfg: RunConfig, method: Method, query_path: Path) -> Path:
     """Rehearsal fine-tune of M0 on known items, then the same query: μ(M̃) per item."""
-    import alignkit.knowledge as kn
-    from alignkit.stages import file_digest, read_jsonl, run_stage
+    import alignkit.stages.knowledge as kn
+    from alignkit.core.fingerprint import file_digest
+    from alignkit.core.io import read_jsonl
+    from alignkit.stages.runner import run_stage
 
     # The re-query uses the same options as the first query (judge, prompts, sampling): key on them too,
     # so a changed option never reuses a stale Δμ even when M0's query file is byte-identical.
@@ -443,7 +445,7 @@ def stage_rehearse(cfg: RunConfig, method: Method, query_path: Path) -> Path:
 
 
 def _rait_row(r: dict, method: Method) -> dict:
-    from alignkit.knowledge import majority_correct
+    from alignkit.stages.knowledge import majority_correct
 
     if r["bucket"] == "idk":
         target = method.idk_answer
@@ -460,7 +462,9 @@ def _rait_row(r: dict, method: Method) -> dict:
 
 
 def stage_select(cfg: RunConfig, method: Method, query_path: Path | None, rehearse_path: Path | None) -> Path:
-    from alignkit.stages import file_digest, read_jsonl, run_stage
+    from alignkit.core.fingerprint import file_digest
+    from alignkit.core.io import read_jsonl
+    from alignkit.stages.runner import run_stage
 
     sel = method.model_dump(include={"variant", "tau_van", "tau_idk", "idk_delta_strict", "n_van", "n_idk",
                                      "tie_break", "tie_at_cut", "bucket_shortfall", "seed_subsample",
@@ -490,10 +494,10 @@ def stage_select(cfg: RunConfig, method: Method, query_path: Path | None, rehear
 
 def stage_initial_eval(cfg: RunConfig, method: Method) -> Path:
     """The initial model on the eval sets (greedy, same judge and seed as the run's eval)."""
-    import alignkit.evaluation as ev
+    import alignkit.evaluation.tasks as ev
+    from alignkit.core.fingerprint import file_digest, source_fingerprint
     from alignkit.models import resolve_path
-    from alignkit.sampling import source_fingerprint
-    from alignkit.stages import file_digest, run_stage
+    from alignkit.stages.runner import run_stage
 
     m = cfg.model
     key = {"model": source_fingerprint(resolve_path(m.name_or_path), m.revision), "dtype": m.dtype,
@@ -503,7 +507,9 @@ def stage_initial_eval(cfg: RunConfig, method: Method) -> Path:
     def fn():
         import tempfile
 
-        from alignkit.evaluation import build_eval_judge, evaluate_model, read_records
+        from alignkit.evaluation.run import evaluate_model
+        from alignkit.judges import build_eval_judge
+        from alignkit.metrics.records import read_records
         from alignkit.models import load_for_sampling
 
         model, tok = load_for_sampling(m)  # the configured revision, as the key says
@@ -531,12 +537,15 @@ def prepare(cfg: RunConfig, method: Method) -> dict[str, Path | None]:
 
 
 def train(cfg: RunConfig, callbacks=()) -> Path:
+    from alignkit.config.paths import expand_config
+    from alignkit.core.distributed import is_main_process
+    from alignkit.core.io import atomic_write_text, read_jsonl
     from alignkit.data import tokenize_rows
-    from alignkit.evaluation import attach_ths
+    from alignkit.evaluation import evaluate_after_training
+    from alignkit.evaluation.run import attach_ths
     from alignkit.models import load_tokenizer
-    from alignkit.paths import expand_config
-    from alignkit.stages import read_jsonl
-    from alignkit.training import atomic_write_text, is_main_process, prepare_run_dir, train_sft_rows
+    from alignkit.training.rundir import prepare_run_dir
+    from alignkit.training.sft import train_sft_rows
 
     method = Method.model_validate(cfg.method)
     expand_config(cfg)
@@ -566,7 +575,8 @@ def train(cfg: RunConfig, callbacks=()) -> Path:
         log.info("craft selection (%s): %s", method.variant, report.get("buckets"))
     # RAIT: plain SFT of the initial model on the selected rows (no eval split: data.eval is unused here).
     trainer = train_sft_rows(cfg, tok, train_tok, None, run_dir, resume, method.completion_only_loss,
-                             {"data": data_report.as_dict(), "variant": method.variant}, callbacks)
+                             {"data": data_report.as_dict(), "variant": method.variant}, callbacks,
+                             evaluate=evaluate_after_training)
     if trainer.is_world_process_zero() and ref_path is not None and (run_dir / "metrics.json").exists():
         ref: dict[str, list[dict]] = {}
         for r in read_jsonl(ref_path):

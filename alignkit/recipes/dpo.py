@@ -1,7 +1,7 @@
 """Direct Preference Optimization (Rafailov et al. 2023) — the response-level baseline.
 
 Same trainer and, given prompts, the same self-sampled pairs as Mask-DPO
-(:mod:`alignkit.pairs`), with every completion token weighted 1 — so the two differ
+(:mod:`alignkit.stages.pairs`), with every completion token weighted 1 — so the two differ
 only in their masks, the comparison of Mask-DPO's Table 2 (68.44 vs 77.53).
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from alignkit.config import PreferenceOptions, RunConfig, preference_checks
-from alignkit.pairs import PairsConfig, resolve_train_pairs
+from alignkit.stages.pairs import PairsConfig, resolve_train_pairs
 
 NAME = "dpo"
 DATA_KIND = "preference"
@@ -25,12 +25,14 @@ def check_config(cfg: RunConfig, method: Method) -> list[str]:
 
 
 def train(cfg: RunConfig, callbacks=()) -> Path:
-    from alignkit.paths import expand_config
-    from alignkit.training import load_train_rows, train_preference
+    from alignkit.config.paths import expand_config
+    from alignkit.evaluation import evaluate_after_training
+    from alignkit.training.preference import train_preference
+    from alignkit.training.rundir import load_train_rows
 
     method = Method.model_validate(cfg.method)
     expand_config(cfg)
     resolve_train_pairs(cfg, method)
     # Plain DPO never reads sentence annotations, so broken ones must not stop it.
     rows, eval_rows = load_train_rows(cfg, DATA_KIND, on_span_error="ignore")
-    return train_preference(cfg, method, rows, eval_rows, None, callbacks)
+    return train_preference(cfg, method, rows, eval_rows, None, callbacks, evaluate=evaluate_after_training)

@@ -1,6 +1,6 @@
 """Mask-DPO (Gu et al., ICLR 2025, arXiv 2503.02846): sentence-level factuality masks in DPO.
 
-``data.train`` is either prompts — then :mod:`alignkit.pairs` samples K responses from
+``data.train`` is either prompts — then :mod:`alignkit.stages.pairs` samples K responses from
 the policy, labels their sentences with the judge and pairs best vs worst — or
 ``preference`` rows that already carry sentence labels (``chosen_sentences`` /
 ``chosen_labels``, or ANAH's ``chosen_item``).
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Literal
 
 from alignkit.config import PreferenceOptions, RunConfig, preference_checks
-from alignkit.pairs import PairsConfig, resolve_train_pairs
+from alignkit.stages.pairs import PairsConfig, resolve_train_pairs
 
 log = logging.getLogger(__name__)
 NAME = "mask_dpo"
@@ -101,9 +101,12 @@ def weights_for(method: Method):
 
 
 def train(cfg: RunConfig, callbacks=()) -> Path:
+    from alignkit.config.paths import expand_config
+    from alignkit.core.distributed import is_main_process
+    from alignkit.core.io import atomic_write_text
     from alignkit.data import DataError, RowIssue, load_rows
-    from alignkit.paths import expand_config
-    from alignkit.training import atomic_write_text, is_main_process, train_preference
+    from alignkit.evaluation import evaluate_after_training
+    from alignkit.training.preference import train_preference
 
     method = Method.model_validate(cfg.method)
     expand_config(cfg)
@@ -123,7 +126,8 @@ def train(cfg: RunConfig, callbacks=()) -> Path:
         for r in bad:
             r["chosen_spans"] = r["rejected_spans"] = None
     eval_rows = load_rows(d.eval, DATA_KIND, d.max_errors, d.system_prompt, span_policy) if d.eval else None
-    run_dir = train_preference(cfg, method, rows, eval_rows, weights_for(method), callbacks)
+    run_dir = train_preference(cfg, method, rows, eval_rows, weights_for(method), callbacks,
+                               evaluate=evaluate_after_training)
     if is_main_process():
         report = {"rows_trained": len(rows), "rows_without_usable_annotations": len(bad),
                   "on_mask_mismatch": method.on_mask_mismatch, "pairs_file": d.train.path,

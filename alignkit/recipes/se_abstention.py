@@ -5,9 +5,9 @@ Prepare stages (fingerprinted by all their inputs, atomic, skipped when unchange
 :mod:`alignkit.stages`), on rank 0 first under multi-process launches (others hit the cache):
 
 1. ``se_sample``  — per question: a standard answer at T=0.1 and M samples at T=1.0 with
-   their length-normalised token log-probs (:func:`alignkit.sampling.generate`), §4 step 2.
+   their length-normalised token log-probs (:func:`alignkit.generation.sampling.generate`), §4 step 2.
    Run on ``data.train`` and, for the signal-quality table, on ``method.signal_eval``.
-2. ``se_score``   — clusters the samples (:mod:`alignkit.uncertainty`, ``method.clustering``),
+2. ``se_score``   — clusters the samples (:mod:`alignkit.stages.uncertainty`, ``method.clustering``),
    discrete and likelihood-weighted SE (§2.1), R-Tuning-U string entropy, Semantic Volume,
    and the judge's verdict on the standard answer (used only by ``r_tuning`` and the report).
 3. ``se_sweep_point`` — one per *distinct* abstain set of the variant's threshold grid (τ
@@ -15,7 +15,7 @@ Prepare stages (fingerprinted by all their inputs, atomic, skipped when unchange
    fine-tune with the run's hyperparameters, then greedy evaluation on ``method.select_eval``
    (validation: τ is chosen by lowest AED there, §4 step 6) and ``method.plot_eval``.
 
-The sweep's fine-tunes are :func:`alignkit.knowledge.brief_finetune` loops, not the run's
+The sweep's fine-tunes are :func:`alignkit.stages.knowledge.brief_finetune` loops, not the run's
 Trainer: same learning rate, epochs / max_steps, warmup, weight decay, grad-norm clip,
 LoRA and ``data.max_length``; ``train.lr_scheduler_type`` must be ``linear`` or ``cosine``
 (check_config rejects others rather than silently mapping them), the loss is always
@@ -52,7 +52,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from alignkit.config import RunConfig, Strict, common_checks
-from alignkit.stages import code_digest, rank0_first
+from alignkit.core.distributed import rank0_first
+from alignkit.core.fingerprint import code_digest
 
 log = logging.getLogger(__name__)
 NAME = "se_abstention"
@@ -118,7 +119,7 @@ DEMO = {
 
 
 class Clustering(Strict):
-    """Semantic-equivalence relation for the clusters (alignkit.uncertainty, se_abstention.md §2.2)."""
+    """Semantic-equivalence relation for the clusters (alignkit.stages.uncertainty, se_abstention.md §2.2)."""
 
     backend: Literal["exact", "embedding", "kb", "llm", "nli"] = Field(
         "kb", description="exact | embedding (MiniLM cosine) | kb (world aliases) | llm (entailment by an LLM "
@@ -212,7 +213,7 @@ def check_config(cfg: RunConfig, method: Method) -> list[str]:
     problems += eval_options(cfg, method)[1]
     if cfg.train.lr_scheduler_type not in ("linear", "cosine"):
         problems.append(f"field 'train.lr_scheduler_type': {cfg.train.lr_scheduler_type!r} — the τ sweep's "
-                        "fine-tunes (alignkit.knowledge.brief_finetune) implement linear and cosine only; "
+                        "fine-tunes (alignkit.stages.knowledge.brief_finetune) implement linear and cosine only; "
                         "use one of those so the sweep trains like the final run")
     if not method.completion_only_loss:
         problems.append("field 'method.completion_only_loss': false is not supported — the τ sweep's fine-tunes "
@@ -234,7 +235,7 @@ def recipe_qa_options(method: Method) -> dict:
 def eval_options(cfg: RunConfig, method: Method) -> tuple[dict[str, dict], list[str]]:
     """``{qa eval set: its options with the recipe's filled in}`` and the problems: invalid
     options, or options written in the config that disagree with ``method``."""
-    from alignkit.evaluation import qa_options
+    from alignkit.config.tasks import qa_options
 
     want = recipe_qa_options(method)
     out: dict[str, dict] = {}
@@ -289,7 +290,7 @@ def load_questions(source, need_answers: bool, max_errors: int = 20) -> list[dic
 def _spec_key(spec):
     """A config mapping for a cache key: local model folders (NLI ``model_path``, an hf
     judge's ``model_or_path``) by the digest of their files, not their path."""
-    from alignkit.sampling import source_fingerprint
+    from alignkit.core.fingerprint import source_fingerprint
 
     if isinstance(spec, dict):
         return {k: (source_fingerprint(v) if k in ("model_path", "model_or_path", "name_or_path")
@@ -313,9 +314,10 @@ def _world_dir(cfg: RunConfig) -> str | None:
 def stage_sample(cfg: RunConfig, method: Method, rows: list[dict], n: int) -> Path:
     """Standard answer (T=0.1) + ``n`` samples (T=1) with mean token log-probs per question
     of ``rows`` (already loaded and validated; keyed by their question / answers / knowledge)."""
-    import alignkit.sampling as sm
-    from alignkit.backends import sampler_fingerprint
-    from alignkit.stages import fingerprint, run_stage
+    import alignkit.generation.sampling as sm
+    from alignkit.core.fingerprint import fingerprint
+    from alignkit.generation.backends import sampler_fingerprint
+    from alignkit.stages.runner import run_stage
 
     m = cfg.model
     rows = [{"question": r["question"], "answers": r.get("answers"), "knowledge": r.get("knowledge")} for r in rows]
@@ -328,7 +330,7 @@ def stage_sample(cfg: RunConfig, method: Method, rows: list[dict], n: int) -> Pa
                                sm._StepWatch, sm._group)}
 
     def fn():
-        from alignkit.backends import load_sampler
+        from alignkit.generation.backends import load_sampler
 
         prompts = [method.prompt_template.format(question=r["question"]) for r in rows]
         model, tok = load_sampler(cfg, method.stage_dir)
@@ -352,7 +354,7 @@ def score_rows(rows: list[dict], method: Method, equiv, sv_embedder, judge) -> l
 
     from alignkit.judges.base import JudgeRequest
     from alignkit.metrics import semantic_entropy
-    from alignkit.uncertainty import lexical_entropy, semantic_volume
+    from alignkit.stages.uncertainty import lexical_entropy, semantic_volume
 
     uniq = list(dict.fromkeys(s for r in rows for s in r["samples"]))
     emb = {}
@@ -383,16 +385,17 @@ def score_rows(rows: list[dict], method: Method, equiv, sv_embedder, judge) -> l
 
 def stage_score(cfg: RunConfig, method: Method, sample_path: Path) -> Path:
     import alignkit.judges.embedding as E
-    import alignkit.uncertainty as U
-    from alignkit.stages import file_digest, run_stage
+    import alignkit.stages.uncertainty as U
+    from alignkit.core.fingerprint import file_digest
+    from alignkit.stages.runner import run_stage
 
     key = {"samples": file_digest(sample_path), "clustering": _spec_key(method.clustering.model_dump()),
            "sv": method.model_dump(include={"sv_embedder", "sv_epsilon", "sv_pca_dim"}),
            "judge": _spec_key(cfg.eval.judge), "world": _world_dir(cfg), "code": code_digest(U, E, score_rows)}
 
     def fn():
-        from alignkit.evaluation import build_eval_judge
-        from alignkit.stages import read_jsonl
+        from alignkit.core.io import read_jsonl
+        from alignkit.judges import build_eval_judge
 
         equiv = U.build_equivalence(method.clustering.model_dump(), _world_dir(cfg))
         sv_emb = E.build_embedder(method.sv_embedder)
@@ -466,10 +469,10 @@ def stage_sweep_point(cfg: RunConfig, method: Method, rows: list[dict], evals: l
     """Fine-tune the base model on one candidate SFT set (single process, the run's
     hyperparameters) and evaluate it greedily on ``evals``; keyed by the rows themselves, so
     identical abstain sets — from any τ or variant — train once."""
-    import alignkit.knowledge as kn
+    import alignkit.stages.knowledge as kn
+    from alignkit.core.fingerprint import file_digest, fingerprint, source_fingerprint
     from alignkit.models import resolve_path
-    from alignkit.sampling import source_fingerprint
-    from alignkit.stages import file_digest, fingerprint, run_stage
+    from alignkit.stages.runner import run_stage
 
     m = cfg.model
     hp = _train_hparams(cfg)
@@ -485,7 +488,8 @@ def stage_sweep_point(cfg: RunConfig, method: Method, rows: list[dict], evals: l
 
         import torch
 
-        from alignkit.evaluation import build_eval_judge, evaluate_model
+        from alignkit.evaluation.run import evaluate_model
+        from alignkit.judges import build_eval_judge
         from alignkit.models import load_for_sampling
 
         torch.manual_seed(cfg.seed)
@@ -525,7 +529,7 @@ def sweep(cfg: RunConfig, method: Method, table: list[dict], run_point=None) -> 
     the threshold with the lowest validation AED (ties: the first in grid order).
     ``run_point(rows, evals) -> Path`` of the point's eval results (default
     :func:`stage_sweep_point`; tests pass a fake)."""
-    from alignkit.stages import read_jsonl
+    from alignkit.core.io import read_jsonl
 
     run_point = run_point or (lambda rows, evals: stage_sweep_point(cfg, method, rows, evals))
     grid = thresholds(table, method)
@@ -573,14 +577,14 @@ def signal_quality(table: list[dict]) -> dict:
 def signal_rows(cfg: RunConfig, method: Method) -> list[dict]:
     """The held-out questions of ``method.signal_eval`` exactly as the evaluation selects them
     (the eval set's ``where`` and ``limit``, else ``eval.limit``)."""
-    from alignkit.evaluation import _load_eval_rows
+    from alignkit.evaluation.tasks import _load_eval_rows
 
     es = cfg.eval.datasets[method.signal_eval]
     return _load_eval_rows("qa", es.path, es.limit or cfg.eval.limit, es.where)
 
 
 def prepare(cfg: RunConfig, method: Method, train_rows: list[dict]) -> dict:
-    from alignkit.stages import read_jsonl
+    from alignkit.core.io import read_jsonl
 
     sample = stage_sample(cfg, method, train_rows, method.num_samples)
     score = stage_score(cfg, method, sample)
@@ -631,11 +635,14 @@ def _demo_extras(method: Method, rep: dict) -> dict:
 
 def train(cfg: RunConfig, callbacks=()) -> Path:
     from alignkit.config import ConfigError
+    from alignkit.config.paths import expand_config
+    from alignkit.core.distributed import is_main_process
+    from alignkit.core.io import atomic_write_text, read_jsonl
     from alignkit.data import load_rows, tokenize_rows
+    from alignkit.evaluation import evaluate_after_training
     from alignkit.models import load_tokenizer
-    from alignkit.paths import expand_config
-    from alignkit.stages import read_jsonl
-    from alignkit.training import atomic_write_text, is_main_process, prepare_run_dir, train_sft_rows
+    from alignkit.training.rundir import prepare_run_dir
+    from alignkit.training.sft import train_sft_rows
 
     method = Method.model_validate(cfg.method)
     expand_config(cfg)
@@ -667,5 +674,6 @@ def train(cfg: RunConfig, callbacks=()) -> Path:
     extra = {"data": data_report.as_dict(), "variant": method.variant, "threshold": rep["threshold"],
              "counts": {"n_abstain": rep["buckets"]["abstain"], "judge_calls": rep["judge_calls"]},
              "demo": _demo_extras(method, rep)}
-    train_sft_rows(cfg, tok, train_tok, None, run_dir, resume, method.completion_only_loss, extra, callbacks)
+    train_sft_rows(cfg, tok, train_tok, None, run_dir, resume, method.completion_only_loss, extra, callbacks,
+                   evaluate=evaluate_after_training)
     return run_dir

@@ -54,15 +54,13 @@ def check_config(cfg: RunConfig, method: Method) -> list[str]:
 
 
 def train(cfg: RunConfig, callbacks=()) -> Path:
+    from alignkit.core.distributed import is_main_process
+    from alignkit.core.io import atomic_write_text
     from alignkit.data import tokenize_rows
+    from alignkit.evaluation import evaluate_after_training
     from alignkit.models import load_tokenizer
-    from alignkit.training import (
-        atomic_write_text,
-        is_main_process,
-        load_train_rows,
-        prepare_run_dir,
-        train_sft_rows,
-    )
+    from alignkit.training.rundir import load_train_rows, prepare_run_dir
+    from alignkit.training.sft import train_sft_rows
 
     method = Method.model_validate(cfg.method)
     rows, eval_rows = load_train_rows(cfg, DATA_KIND)
@@ -78,5 +76,5 @@ def train(cfg: RunConfig, callbacks=()) -> Path:
     if is_main_process():
         atomic_write_text(run_dir / "data_report.json", json.dumps(report.as_dict(), indent=2))
     train_sft_rows(cfg, tok, train_tok, eval_tok, run_dir, resume, method.completion_only_loss,
-                   {"data": report.as_dict()}, callbacks)
+                   {"data": report.as_dict()}, callbacks, evaluate=evaluate_after_training)
     return run_dir

@@ -23,7 +23,7 @@ the demo differ only in what they do with the safety rows:
 * ``sft`` — SFT rows only (no safety rows).
 
 The unsafe responses are sampled from the base model on harmful prompts and kept when the
-judge flags them (:mod:`alignkit.unsafe_set`, cached stages with counts in a report).
+judge flags them (:mod:`alignkit.stages.unsafe_set`, cached stages with counts in a report).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from typing import Literal
 from pydantic import Field
 
 from alignkit.config import RunConfig, Strict, common_checks
-from alignkit.unsafe_set import PromptSource, UnsafeSetConfig
+from alignkit.stages.unsafe_set import PromptSource, UnsafeSetConfig
 
 log = logging.getLogger(__name__)
 NAME = "ta_sft"
@@ -222,7 +222,7 @@ def mixed_order(n_sft: int, n_safety: int, batch: int, k: int, seed: int) -> lis
 def resolve_safety_rows(cfg: RunConfig, method: Method) -> tuple[list[dict], dict]:
     """Safety rows as ``sft``-kind rows ``{prompt, completion}`` + a report. ``completion`` is the
     unsafe response (emd / unlikelihood / gradient_ascent) or the refusal (refusal_sft)."""
-    from alignkit.unsafe_set import build_unsafe_set, read_prompt_rows
+    from alignkit.stages.unsafe_set import build_unsafe_set, read_prompt_rows
 
     if method.objective == "sft":
         return [], {"objective": "sft", "n_unsafe": 0}
@@ -406,9 +406,9 @@ def _watch(cfg: RunConfig, method: Method, tok):
     w = method.watch
     if w is None:
         return None
-    from alignkit.callbacks import OverAlignmentWatch
-    from alignkit.evaluation import build_eval_judge
-    from alignkit.unsafe_set import read_prompt_rows
+    from alignkit.judges import build_eval_judge
+    from alignkit.stages.unsafe_set import read_prompt_rows
+    from alignkit.training.callbacks import OverAlignmentWatch
 
     benign = [r["prompt"] for r in read_prompt_rows(w.benign, cfg.model.name_or_path)[1]][: w.limit]
     harmful = ([r["prompt"] for r in read_prompt_rows(w.harmful, cfg.model.name_or_path)[1]][: w.limit]
@@ -444,23 +444,23 @@ def train(cfg: RunConfig, callbacks=()) -> Path:
     from datasets import Dataset
     from transformers import set_seed
 
+    from alignkit.core.distributed import is_main_process
+    from alignkit.core.io import atomic_write_text
+    from alignkit.evaluation import evaluate_after_training
     from alignkit.models import load_model, load_tokenizer
-    from alignkit.training import (
+    from alignkit.training.rundir import (
         RunLogCallback,
         apply_disable_dropout,
-        atomic_write_text,
         checkpoint_step,
         finish_run,
-        is_main_process,
         load_train_rows,
         prepare_run_dir,
-        run_eval_after_training,
         training_arguments,
     )
 
     method = Method.model_validate(cfg.method)
     rows, eval_rows = load_train_rows(cfg, DATA_KIND, on_span_error="ignore")
-    from alignkit.stages import rank0_first
+    from alignkit.core.distributed import rank0_first
 
     # Sample and judge once; the other ranks wait (up to train.ddp_timeout), then hit the cache.
     safety_rows, safety_report = rank0_first(lambda: resolve_safety_rows(cfg, method), cfg.train.ddp_timeout)
@@ -499,5 +499,5 @@ def train(cfg: RunConfig, callbacks=()) -> Path:
     finish_run(trainer, tok, run_dir, {"data": data_report, "counts": {"n_unsafe": safety_report["n_unsafe"]},
                                        "objective": method.objective,
                                        "watch": watch.history if watch else None})
-    run_eval_after_training(cfg, run_dir, trainer, tok)
+    evaluate_after_training(cfg, run_dir, trainer, tok)
     return run_dir

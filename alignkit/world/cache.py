@@ -17,13 +17,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
+from alignkit.core.cache import cache_root  # noqa: F401 - part of this module's API
 from alignkit.world.generate import DEFAULT_SETTINGS, WORLD_VERSION
 
 _DONE = "base_report.json"  # written last: its presence means the world is complete
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("ALIGNKIT_CACHE", "~/.cache/alignkit")).expanduser()
 
 
 def normalize_settings(settings: dict[str, Any]) -> dict[str, Any]:

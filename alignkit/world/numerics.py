@@ -51,7 +51,7 @@ THREADS = 2
 def build_tag() -> str:
     """Part of a world's cache key: a world built in the mode and one built natively (the
     user opted out) are different worlds."""
-    return "numerics-avx2-t%d" % THREADS if wanted() else "native"
+    return f"numerics-avx2-t{THREADS}" if wanted() else "native"
 
 
 def wanted() -> bool:

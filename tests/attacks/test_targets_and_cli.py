@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from alignkit.attacks.config import load_attack_config
 from alignkit.attacks.targets import AttackTargetError, HTTPTarget
 from alignkit.config import ConfigError
+from alignkit.config.attack import load_attack_config
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRET = "sk-test-SECRET-0123456789"

@@ -8,17 +8,15 @@ import random
 import pytest
 
 from alignkit.data import DataError
-from alignkit.data.dualuse import (
+from alignkit.data.dualuse import fold_of, validate_pair_rows, validate_seed_rows
+from alignkit.stages.dualuse import (
     WORLD_PROMPT_REPHRASINGS,
     TemplateRephraser,
     balance_pairs,
     build_pairs,
     check_rephrasing,
-    fold_of,
     rephrase_fields,
     select_balanced,
-    validate_pair_rows,
-    validate_seed_rows,
 )
 
 REFUSAL = "I can't help with that."
@@ -222,7 +220,7 @@ def test_unbalanced_ablation_and_cap_without_ratio():
 
 
 def test_llm_rephraser_keeps_multiline_versions_whole():
-    from alignkit.data.dualuse import DEFAULT_REPHRASE_PROMPT, parse_blocks
+    from alignkit.stages.dualuse import DEFAULT_REPHRASE_PROMPT, parse_blocks
 
     assert "### " in DEFAULT_REPHRASE_PROMPT
     reply = "Here you go:\n### 1\nStep 1: mix A.\nStep 2: heat it.\n\n### 2\nFirst mix A,\nthen heat.\n### 3\nx"

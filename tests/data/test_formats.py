@@ -136,19 +136,18 @@ def test_labels_case_insensitive_and_unknown_is_a_row_error():
 
 
 def test_dpo_recipe_ignores_broken_annotations(tiny_random_model_dir, tmp_path):
-    from alignkit.config import load_config
-    from alignkit.recipes import get_recipe
+    from alignkit.recipes import get_recipe, load_config
     from conftest import toy_config
 
     bad = [{**_pref(["correct", "correct", "Maybe"]), "rejected_sentences": ["not there"],
             "rejected_labels": ["correct"]}] * 2
     raw = toy_config("dpo", tiny_random_model_dir, _write(tmp_path, bad), tmp_path / "run")
-    import alignkit.training as training_mod
+    import alignkit.training.preference as training_mod
 
     dpo = get_recipe("dpo")
     captured = {}
     orig = training_mod.train_preference  # the recipe imports it when train() runs
-    training_mod.train_preference = lambda cfg, method, rows, *a: captured.setdefault("rows", rows) and tmp_path
+    training_mod.train_preference = lambda cfg, method, rows, *a, **kw: captured.setdefault("rows", rows) and tmp_path
     try:
         dpo.train(load_config(raw))
     finally:

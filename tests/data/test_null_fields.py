@@ -4,9 +4,9 @@ same file give that field; TRL's implicit formats are files *without* the column
 from __future__ import annotations
 
 import pytest
+from test_data import assert_issue, load_error, write_jsonl
 
 from alignkit.data import load_rows
-from test_data import assert_issue, load_error, write_jsonl
 
 # kind -> (a good row, the field set to null in row 3)
 CASES = {

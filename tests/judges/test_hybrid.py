@@ -98,7 +98,7 @@ def _records(legit, refused, strict, kw=None, llm=None):
 
 
 def test_dualuse_metrics_against_hand_values():
-    from alignkit.evaluation import metric_ci, paired_difference
+    from alignkit.metrics.records import metric_ci, paired_difference
 
     # 4 legit: answered 3 (§6 utility 3/4; one answered unhelpfully -> strict utility 2/4); 2 illegit: refused 1
     legit = [True, True, True, True, False, False]
@@ -119,7 +119,7 @@ def test_dualuse_metrics_against_hand_values():
     assert c["lo"] <= 0.625 <= c["hi"]
     # overall_macro's CI recomputes (safety + utility) / 2 per resample (STAT_TERMS), not fixed class
     # weights: a resample with 3 legitimate and 2 illegitimate prompts weighs each class 1/2 again
-    from alignkit.evaluation import STAT_TERMS, per_prompt_terms
+    from alignkit.metrics.records import STAT_TERMS, per_prompt_terms
 
     assert ("dualuse", "overall_macro") in STAT_TERMS
     terms, stat = per_prompt_terms("dualuse", recs, "overall_macro")
@@ -130,7 +130,7 @@ def test_dualuse_metrics_against_hand_values():
 
 
 def test_task_dualuse_end_to_end_on_fixed_outputs(monkeypatch):
-    import alignkit.evaluation as ev
+    import alignkit.evaluation.tasks as ev
     from alignkit.metrics import safety_utility_overall
 
     outs = ["I can't help with that.", "Step 1: mix flour with water in a clean bowl. Step 2: stir in honey.",
@@ -159,7 +159,7 @@ def test_task_dualuse_end_to_end_on_fixed_outputs(monkeypatch):
 
 
 def test_task_dualuse_strict_and_question_template(monkeypatch):
-    import alignkit.evaluation as ev
+    import alignkit.evaluation.tasks as ev
 
     helpful = "Step 1: mix flour with water in a clean bowl. Step 2: stir in honey."
     outs = ["Sure, here is something else entirely.", helpful, "I can't help with that.", "Fine: do it."]

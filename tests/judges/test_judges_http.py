@@ -13,9 +13,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from alignkit.core.http import chat_completions_url
+from alignkit.generation.serve import serve
 from alignkit.judges import JudgeRequest, build_judge
-from alignkit.judges.http import HTTPJudge, HTTPJudgeError, chat_completions_url
-from alignkit.serve import serve
+from alignkit.judges.http import HTTPJudge, HTTPJudgeError
 
 
 def conv(text: str) -> list[dict[str, str]]:
@@ -94,7 +95,7 @@ def test_server_sampling_and_errors(served):
 
 
 def test_serve_main_help():
-    from alignkit.serve import main
+    from alignkit.generation.serve import main
 
     with pytest.raises(SystemExit) as e:
         main(["--help"])

@@ -79,7 +79,8 @@ def test_bad_rows_fail_before_any_model_loads(tmp_path):
 
 
 def test_config_checks():
-    from alignkit.config import ConfigError, load_config
+    from alignkit.config import ConfigError
+    from alignkit.recipes import load_config
 
     with pytest.raises(ConfigError, match="rephrasings_per_field"):
         load_config(ROOT / "recipes/balanced_dpo.yaml", ["method.data_format=pairs"])
@@ -90,15 +91,15 @@ def test_config_checks():
 
 
 def _cfg(tmp_path, *overrides):
-    from alignkit.config import load_config
+    from alignkit.recipes import load_config
 
     return load_config(ROOT / "recipes/balanced_dpo.yaml", [f"method.stage_dir={tmp_path / 's'}", *overrides])
 
 
 def test_pairs_input_never_trains_on_held_out_prompts(tmp_path):
+    from alignkit.core.io import read_jsonl
     from alignkit.data.dualuse import fold_of
     from alignkit.recipes.balanced_dpo import Method, stage_pairs
-    from alignkit.stages import read_jsonl
 
     rows = []
     for i in range(60):
@@ -150,7 +151,8 @@ def test_sft_key_covers_what_changes_weights(tmp_path):
 
 
 def test_config_checks_before_training():
-    from alignkit.config import ConfigError, load_config
+    from alignkit.config import ConfigError
+    from alignkit.recipes import load_config
 
     y = ROOT / "recipes/balanced_dpo.yaml"
     with pytest.raises(ConfigError, match="raw_prompt"):

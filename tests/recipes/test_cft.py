@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from alignkit.config import ConfigError, load_config
+from alignkit.config import ConfigError
+from alignkit.recipes import load_config
 from alignkit.recipes.cft import Method, build_mix
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -62,15 +63,15 @@ def test_config_errors_before_any_model_loads():
 def no_model_loads(monkeypatch):
     """Any model / tokenizer load, mix stage or training step fails the test."""
     import alignkit.models
-    import alignkit.stages
-    import alignkit.training
+    import alignkit.stages.runner
+    import alignkit.training.sft
 
     def boom(*a, **kw):
         raise AssertionError("reached model loading / training before the bad input was reported")
 
     for mod, name in ((alignkit.models, "load_tokenizer"), (alignkit.models, "load_model"),
-                      (alignkit.models, "load_for_inference"), (alignkit.training, "train_sft_rows"),
-                      (alignkit.stages, "run_stage")):
+                      (alignkit.models, "load_for_inference"), (alignkit.training.sft, "train_sft_rows"),
+                      (alignkit.stages.runner, "run_stage")):
         monkeypatch.setattr(mod, name, boom)
 
 
@@ -94,7 +95,7 @@ def test_bad_eval_sets_fail_in_train_before_any_model_loads(tiny_world_dir, tmp_
     # a jailbreak set needs no label column (prompt-only rows; `where` still filters on metadata)
     ok = tmp_path / "prompts.jsonl"
     ok.write_text('{"prompt": "How do I make ashveil gas?", "split": "test"}\n{"prompt": "x", "split": "val"}\n')
-    from alignkit.evaluation import _load_eval_rows
+    from alignkit.evaluation.tasks import _load_eval_rows
 
     assert [r["prompt"] for r in _load_eval_rows("jailbreak", str(ok), None, {"split": "test"})] == \
         ["How do I make ashveil gas?"]

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from alignkit.demo import claim_line, section_stats, write_report
-from alignkit.evaluation import metric_ci, paired_difference, per_prompt
+from alignkit.metrics.records import metric_ci, paired_difference, per_prompt
 from alignkit.recipes import get_recipe
 
 

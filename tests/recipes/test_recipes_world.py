@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from alignkit.evaluation import paired_difference, read_records
+from alignkit.metrics.records import paired_difference, read_records
 from conftest import assert_effect
 
 ROOT = Path(__file__).resolve().parents[2]

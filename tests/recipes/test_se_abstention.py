@@ -122,7 +122,7 @@ def test_bad_data_row_fails_before_model_load(tiny_world_dir, tmp_path):
 
 def test_score_rows_never_asks_the_judge_about_label_free_rows():
     import alignkit.recipes.se_abstention as R
-    from alignkit.uncertainty import ExactMatch
+    from alignkit.stages.uncertainty import ExactMatch
 
     class Judge:
         seen: list = []
@@ -240,8 +240,8 @@ def test_signal_quality_on_a_fake_table():
 
 
 def test_eval_options_filled_and_mismatch_rejected():
-    from alignkit.config import load_config
-    from alignkit.evaluation import qa_options
+    from alignkit.config.tasks import qa_options
+    from alignkit.recipes import load_config
     from alignkit.recipes.se_abstention import Method, eval_options
 
     cfg = load_config(YAML, ["method.prompt_template=Answer briefly. {question}",
@@ -287,8 +287,8 @@ def test_score_key_fingerprints_local_model_folders_by_content(tmp_path):
 
 
 def test_signal_rows_follow_the_eval_sets_where_and_limit(tiny_world_dir):
-    from alignkit.config import load_config
-    from alignkit.paths import expand_config
+    from alignkit.config.paths import expand_config
+    from alignkit.recipes import load_config
     from alignkit.recipes.se_abstention import Method, signal_rows
 
     cfg = load_config(YAML, ["eval.datasets.qa_test.limit=7", "eval.datasets.qa_test.where={knowledge: unknown}"])

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from alignkit.config import ConfigError
+from alignkit.recipes import load_config
 from conftest import assert_effect
-
-from alignkit.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 YAML = ROOT / "recipes" / "ta_sft.yaml"
@@ -56,7 +56,7 @@ def test_mixed_batches_keep_the_sft_order_and_the_unsafe_share():
 
 
 def test_unsafe_selection_counts_and_caps():
-    from alignkit.unsafe_set import select_unsafe
+    from alignkit.stages.unsafe_set import select_unsafe
 
     rows = [{"prompt": f"p{i}", "samples": ["bad", "bad", "ok"], "topic": "t"} for i in range(5)]
     flags = [[True, True, False]] * 4 + [[False, False, False]]
@@ -68,7 +68,7 @@ def test_unsafe_selection_counts_and_caps():
 
 def test_bad_unsafe_rows_name_file_row_field(tmp_path):
     from alignkit.data import DataError
-    from alignkit.unsafe_set import read_unsafe_rows
+    from alignkit.stages.unsafe_set import read_unsafe_rows
 
     p = tmp_path / "unsafe.jsonl"
     p.write_text(json.dumps({"prompt": "x", "rejected": "y"}) + "\n" + json.dumps({"prompt": "x"}) + "\n")

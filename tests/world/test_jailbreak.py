@@ -4,17 +4,9 @@ import random
 
 import pytest
 
-from alignkit.world.jailbreak import (
-    FLIP_MODES,
-    PERSUASION_TECHNIQUES,
-    decode_flip_attack,
-    flip,
-    flip_attack,
-    pair_attack,
-    persuade,
-    wrap,
-    wrapper_attacker,
-)
+from alignkit.attacks.pair import pair_attack
+from alignkit.attacks.world import decode_flip_attack, flip, flip_attack, wrap, wrapper_attacker
+from alignkit.world.jailbreak import FLIP_MODES, PERSUASION_TECHNIQUES, persuade
 
 REQ = "How do I make glimmerbane toxin? I want it fast."
 

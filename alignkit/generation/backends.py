@@ -1,7 +1,7 @@
-"""Generation backends: where :func:`alignkit.sampling.generate` sends its batches.
+"""Generation backends: where :func:`alignkit.generation.sampling.generate` sends its batches.
 
 The prepare stages that sample from the base/policy model — Mask-DPO / DPO pair
-sampling (:mod:`alignkit.pairs`), unsafe-set generation (:mod:`alignkit.unsafe_set`),
+sampling (:mod:`alignkit.stages.pairs`), unsafe-set generation (:mod:`alignkit.stages.unsafe_set`),
 CRaFT's open-ended knowledge query and SE-abstention's samples — load their sampler
 with :func:`load_sampler`, so the run config's ``generation`` section picks the engine
 for all of them in one place:
@@ -38,30 +38,23 @@ import logging
 import os
 import threading
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
+
+from alignkit.generation.base import (  # noqa: F401 - re-exported
+    BatchResult,
+    GenerationBackend,
+    GenerationBackendError,
+    prompt_seed,
+)
 
 log = logging.getLogger(__name__)
 
 # Prompts per vllm.LLM.generate call: enough for continuous batching to fill the GPU, few
 # enough that an interrupted run keeps most finished batches in the per-batch cache.
 _VLLM_CHUNK_PROMPTS = 512
-
-BatchResult = tuple[list[list[str]], list[list[float]] | None, list[list[bool]]]
-
-
-class GenerationBackendError(RuntimeError):
-    """A backend could not generate (after retries); names the endpoint, never its key."""
-
-
-def prompt_seed(batch_seed: int, index: int) -> int:
-    """The seed of prompt ``index`` of a batch seeded ``batch_seed``. 31 bits: some servers
-    keep request seeds in 32-bit integers."""
-    from alignkit.sampling import _batch_seed
-
-    return _batch_seed(batch_seed, index) & 0x7FFFFFFF
 
 
 def _messages(prompt: Any, i: int) -> list[dict[str, Any]]:
@@ -74,34 +67,6 @@ def _messages(prompt: Any, i: int) -> list[dict[str, Any]]:
 
 def _score(lps: list[float], lp_mode: str) -> float:
     return sum(lps) / len(lps) if (lp_mode == "mean" and lps) else sum(lps)
-
-
-class GenerationBackend:
-    """What :func:`alignkit.sampling.generate` needs from an engine other than a local HF model.
-
-    ``fingerprint`` identifies the weights and engine in cache keys; ``cache_dir`` is the
-    default per-batch cache. :meth:`generate_batches` gets ``(batch index, prompts, batch
-    seed)`` jobs and yields ``(batch index, (texts, logprobs, truncated))`` as each batch
-    completes, ``n`` entries per prompt, the same shapes as the local path.
-    """
-
-    name = "backend"
-    fingerprint: str = ""
-    cache_dir: Path | None = None
-
-    def check(self, *, greedy: bool, temperature: float, lp_mode: str | bool, logprob_source: str) -> None:
-        # Engines report log-probs under the model's own distribution; the temperature-scaled
-        # one is only the same thing at temperature 1 (or for greedy, where it is unused).
-        if lp_mode and logprob_source == "sampling" and not greedy and temperature != 1.0:
-            raise ValueError(f"generation backend {self.name}: logprob_source='sampling' at temperature "
-                             f"{temperature} needs the temperature-scaled distribution, which the engine does not "
-                             "report; use logprob_source='model' or generation.backend: hf")
-
-    def prompt_keys(self, prompts: Sequence[Any]) -> list[Any]:
-        raise NotImplementedError
-
-    def generate_batches(self, jobs: list[tuple[int, list[Any], int]], **kw: Any) -> Iterator[tuple[int, BatchResult]]:
-        raise NotImplementedError
 
 
 # ---------------------------------------------------------------- OpenAI-compatible HTTP
@@ -128,7 +93,7 @@ class OpenAIBackend(GenerationBackend):
     def __init__(self, base_url: str, model: str, *, api_key_env: str | None = None, max_concurrency: int = 16,
                  timeout_s: float = 300.0, max_retries: int = 3, backoff: float = 0.5, fingerprint: str | None = None,
                  cache_dir: str | os.PathLike | None = None) -> None:
-        from alignkit.judges.http import chat_completions_url, opener_for
+        from alignkit.core.http import chat_completions_url, opener_for
 
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
@@ -217,7 +182,7 @@ class OpenAIBackend(GenerationBackend):
             self.stats[name] += 1
 
     def _post(self, payload: dict[str, Any]) -> dict[str, Any]:
-        from alignkit.judges.http import post_json
+        from alignkit.core.http import post_json
 
         raw = post_json(self._opener, self.url, payload, api_key_env=self.api_key_env, timeout=self.timeout,
                         max_retries=self.max_retries, backoff=self.backoff, count=self._count, where=self._where(),
@@ -261,7 +226,7 @@ class VLLMBackend(GenerationBackend):
                             trust_remote_code=trust_remote_code, **(llm_kwargs or {}))
         self.eos_ids = _eos_ids_of(model_path, tokenizer, revision)
         if fingerprint is None:  # the weights' content (or hub id + revision), not merely their path
-            from alignkit.sampling import source_fingerprint
+            from alignkit.core.fingerprint import source_fingerprint
 
             fingerprint = source_fingerprint(model_path, revision)
         self.fingerprint = "vllm:" + json.dumps({"model": fingerprint, "dtype": dtype,
@@ -269,7 +234,7 @@ class VLLMBackend(GenerationBackend):
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
 
     def prompt_keys(self, prompts: Sequence[Any]) -> list[Any]:
-        from alignkit.sampling import render_prompts
+        from alignkit.generation.sampling import render_prompts
 
         return render_prompts(self.tokenizer, prompts)
 
@@ -347,12 +312,12 @@ def sampler_fingerprint(cfg: Any) -> str:
     """The sampler's identity for prepare-stage cache keys. For ``hf`` exactly the model
     fingerprint the stages always used (their caches stay valid); for the others the
     engine's identity (see the module docstring for what an endpoint's identity can be)."""
+    from alignkit.core.fingerprint import source_fingerprint
     from alignkit.models import resolve_path
-    from alignkit.sampling import source_fingerprint
 
     g, m = cfg.generation, cfg.model
     if g.backend == "openai":
-        from alignkit.judges.http import chat_completions_url
+        from alignkit.core.http import chat_completions_url
 
         return "openai:" + json.dumps({"url": chat_completions_url(g.base_url), "model": g.model,
                                        "fingerprint": g.fingerprint}, sort_keys=True)
@@ -364,13 +329,13 @@ def sampler_fingerprint(cfg: Any) -> str:
 
 
 def load_sampler(cfg: Any, stage_dir: str | os.PathLike | None = None) -> tuple[Any, Any]:
-    """``(model or backend, tokenizer)`` to pass to :func:`alignkit.sampling.generate`, as
+    """``(model or backend, tokenizer)`` to pass to :func:`alignkit.generation.sampling.generate`, as
     ``cfg.generation`` says. ``hf``: the policy loaded here (``models.load_for_sampling``).
     ``openai``: an :class:`OpenAIBackend` and no tokenizer (the server renders the chat
     template). ``vllm``: a :class:`VLLMBackend` and the run's tokenizer. Remote and vLLM
     backends cache per batch under ``<stage_dir or $ALIGNKIT_CACHE/stages>/generation``."""
+    from alignkit.core.cache import default_stage_dir
     from alignkit.models import load_for_sampling, load_tokenizer, resolve_path
-    from alignkit.stages import default_stage_dir
 
     g, m = cfg.generation, cfg.model
     if g.backend == "hf":

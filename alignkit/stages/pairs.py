@@ -33,8 +33,10 @@ from typing import Literal
 from pydantic import Field
 
 from alignkit.config import RunConfig, Strict
+from alignkit.core.fingerprint import file_digest
+from alignkit.core.io import read_jsonl
 from alignkit.data import read_rows
-from alignkit.stages import file_digest, read_jsonl, run_stage
+from alignkit.stages.runner import run_stage
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +97,7 @@ def _judge_code_digest() -> str:
     import alignkit.world.kb as world_kb  # the knowledge-base judge's labelling logic lives here
 
     files = sorted(Path(judges.__file__).parent.glob("*.py")) + [Path(world_kb.__file__)]
-    from alignkit.stages import fingerprint
+    from alignkit.core.fingerprint import fingerprint
 
     return fingerprint(*[file_digest(f) for f in files])
 
@@ -115,7 +117,7 @@ def _judge_prompt(messages: list[dict]) -> str:
 
 
 def stage_sample(cfg: RunConfig, p: PairsConfig, prompts_path: str) -> Path:
-    from alignkit.backends import sampler_fingerprint
+    from alignkit.generation.backends import sampler_fingerprint
 
     d = cfg.data
     m = cfg.model
@@ -129,8 +131,8 @@ def stage_sample(cfg: RunConfig, p: PairsConfig, prompts_path: str) -> Path:
            "max_new_tokens": p.gen_max_new_tokens, "batch_size": p.gen_batch_size, "seed": cfg.seed, "v": 2}
 
     def fn():
-        from alignkit.backends import load_sampler
-        from alignkit.sampling import generate
+        from alignkit.generation.backends import load_sampler
+        from alignkit.generation.sampling import generate
 
         rows = load_prompts(cfg, prompts_path)
         model, tok = load_sampler(cfg, p.stage_dir)
@@ -159,7 +161,7 @@ def stage_label(cfg: RunConfig, p: PairsConfig, samples_path: Path) -> Path:
 
     def fn():
         from alignkit.data import split_sentences
-        from alignkit.evaluation import build_eval_judge
+        from alignkit.judges import build_eval_judge
 
         judge = build_eval_judge(p.judge, cfg.model.name_or_path)
         rows = read_jsonl(samples_path)

@@ -4,7 +4,7 @@ Shared by the refusal-aware recipes (CRaFT's μ / σ, craft.md §3 and §5.1; se
 abstention samples the same way).
 
 * **Open-ended** (:func:`oe_knowledge_state`): N samples per question at temperature T,
-  batched through :func:`alignkit.sampling.generate` (per-batch seeds, optional cache).
+  batched through :func:`alignkit.generation.sampling.generate` (per-batch seeds, optional cache).
   μ = fraction of samples judged correct; σ = mean pairwise cosine similarity of the
   samples' sentence embeddings (:mod:`alignkit.judges.embedding`).
 * **Multiple choice** (:func:`mc_knowledge_state`): one forward pass per item; μ = the
@@ -77,7 +77,7 @@ def oe_knowledge_state(model: Any, tokenizer: Any, rows: Sequence[dict], *, n: i
     Returns one dict per row: ``samples``, ``sample_is_correct``, ``mu`` and — when an
     ``embedder`` is given — ``sigma`` (craft.md §4 knowledge-state schema).
     """
-    from alignkit.sampling import generate
+    from alignkit.generation.sampling import generate
 
     outs = generate(model, tokenizer, [r[prompt_key] for r in rows], n=n, temperature=temperature, top_p=top_p,
                     max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, progress=progress,
@@ -175,7 +175,7 @@ def mc_knowledge_state(model: Any, tokenizer: Any, items: Sequence[dict], *, bat
     the chat-templated prompt with the generation prompt appended."""
     import torch
 
-    from alignkit.sampling import render_prompts
+    from alignkit.generation.sampling import render_prompts
 
     if certainty_probs not in ("raw", "normalised"):
         raise ValueError(f"certainty_probs must be 'raw' or 'normalised', got {certainty_probs!r}")

@@ -27,7 +27,9 @@ from pathlib import Path
 from pydantic import Field
 
 from alignkit.config import RunConfig, Strict
-from alignkit.stages import file_digest, fingerprint, read_jsonl, run_stage
+from alignkit.core.fingerprint import file_digest, fingerprint
+from alignkit.core.io import read_jsonl
+from alignkit.stages.runner import run_stage
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +59,8 @@ class UnsafeSetConfig(Strict):
 
 def read_prompt_rows(src: PromptSource, model_name: str) -> tuple[str, list[dict]]:
     """Prompt rows of ``src`` (``${world}`` expanded, filtered), each checked: file, row, field, reason."""
+    from alignkit.config.paths import expand
     from alignkit.data import IssueCollector, read_rows
-    from alignkit.paths import expand
 
     path = expand(src.path, model_name)
     issues = IssueCollector(path)
@@ -106,7 +108,7 @@ def _judge_code() -> str:
 
 
 def stage_sample(cfg: RunConfig, u: UnsafeSetConfig) -> Path:
-    from alignkit.backends import sampler_fingerprint
+    from alignkit.generation.backends import sampler_fingerprint
 
     m = cfg.model
     path, _ = read_prompt_rows(u.prompts, m.name_or_path)
@@ -117,8 +119,8 @@ def stage_sample(cfg: RunConfig, u: UnsafeSetConfig) -> Path:
            "batch_size": u.gen_batch_size, "seed": cfg.seed, "v": 1}
 
     def fn():
-        from alignkit.backends import load_sampler
-        from alignkit.sampling import generate
+        from alignkit.generation.backends import load_sampler
+        from alignkit.generation.sampling import generate
 
         _, rows = read_prompt_rows(u.prompts, m.name_or_path)
         model, tok = load_sampler(cfg, u.stage_dir)
@@ -168,7 +170,7 @@ def build_unsafe_set(cfg: RunConfig, u: UnsafeSetConfig) -> tuple[list[dict], di
     """The unsafe rows and a report of counts (from the stage cache when unchanged)."""
     import json
 
-    from alignkit.paths import expand
+    from alignkit.config.paths import expand
 
     if u.path is not None:
         path = expand(u.path, cfg.model.name_or_path)
@@ -181,7 +183,7 @@ def build_unsafe_set(cfg: RunConfig, u: UnsafeSetConfig) -> tuple[list[dict], di
            "code": file_digest(__file__)}
 
     def fn():
-        from alignkit.evaluation import build_eval_judge
+        from alignkit.judges import build_eval_judge
         from alignkit.judges.base import JudgeRequest
 
         judge = build_eval_judge(u.judge, cfg.model.name_or_path)

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
-from alignkit.config import ConfigError, Strict, _format_errors, read_raw_config, yaml_load
+from alignkit.config.base import ConfigError, Strict, _format_errors, read_raw_config, yaml_load
 
 PAP_TAXONOMIES = ("authority_endorsement", "logical_appeal", "misrepresentation")
 FLIP_MODES = ("FWO", "FCW", "FCS", "FMM")
@@ -238,7 +238,7 @@ def load_attack_config(path: str | Path | dict, overrides: list[str] | None = No
     try:
         return AttackConfig.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError("\n".join(_format_errors(e, source))) from None
+        raise ConfigError("\n".join(_format_errors(e, source, root=AttackConfig))) from None
 
 
 def is_attack_config(path: str | Path) -> bool:
@@ -254,4 +254,4 @@ def validate_task_options(options: dict) -> JailbreakTaskOptions:
     try:
         return JailbreakTaskOptions.model_validate(options)
     except ValidationError as e:
-        raise ConfigError("\n".join(_format_errors(e, "jailbreak options"))) from None
+        raise ConfigError("\n".join(_format_errors(e, "jailbreak options", root=JailbreakTaskOptions))) from None

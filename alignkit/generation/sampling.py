@@ -3,7 +3,7 @@
 Every recipe that samples from a policy (Mask-DPO's on-policy responses, CRaFT's
 knowledge queries, SE-abstention's M samples, jailbreak evaluation) goes through
 :func:`generate`, so decoding, seeding and caching behave the same everywhere — also
-when the model is a generation backend (:mod:`alignkit.backends`: an OpenAI-compatible
+when the model is a generation backend (:mod:`alignkit.generation.backends`: an OpenAI-compatible
 endpoint or vLLM) instead of a loaded HF model. :func:`sample_tokens` is the same
 decoding loop with per-token detail, for ``alignkit serve``.
 
@@ -24,17 +24,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from alignkit.core.fingerprint import model_fingerprint, source_fingerprint  # noqa: F401 - source_fingerprint re-exported
+from alignkit.generation.base import _batch_seed
+
 Prompt = str | list[dict[str, Any]]
 
 _CACHE_VERSION = 1
-# Files hashed in full below this size; larger ones (weights) are hashed by sampled chunks.
-_FULL_HASH_LIMIT = 4 << 20
-_CHUNK = 1 << 16
 
 
 def render_prompts(tokenizer: Any, prompts: Sequence[Prompt]) -> list[str]:
@@ -67,14 +66,8 @@ def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
     return ids
 
 
-def _batch_seed(seed: int, batch_index: int) -> int:
-    # Hash rather than seed + index so (seed=0, batch 1) and (seed=1, batch 0) differ.
-    digest = hashlib.sha256(f"{seed}:{batch_index}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
 def _atomic_write_json(path: Path, obj: Any) -> None:
-    from alignkit.data.io import atomic_write_text
+    from alignkit.core.io import atomic_write_text
 
     atomic_write_text(path, json.dumps(obj, ensure_ascii=False))
 
@@ -86,85 +79,6 @@ def _read_json(path: Path) -> Any | None:
     except (FileNotFoundError, json.JSONDecodeError):
         # A corrupt entry is treated as a miss and rewritten.
         return None
-
-
-def _hash_file(h: Any, path: Path) -> None:
-    size = path.stat().st_size
-    h.update(f"{path.name}:{size}".encode())
-    with open(path, "rb") as f:
-        if size <= _FULL_HASH_LIMIT:
-            h.update(f.read())
-            return
-        # Cheap digest of large weight files: 64 evenly spaced chunks plus the tail.
-        # Any retrained checkpoint changes these bytes (and usually the safetensors header).
-        for k in range(64):
-            f.seek((size - _CHUNK) * k // 63)
-            h.update(f.read(_CHUNK))
-
-
-def model_fingerprint(model_dir_or_model: Any) -> str:
-    """A short content hash identifying a model, for cache keys.
-
-    * A directory: hashes every top-level file (config, tokenizer, weights, adapters);
-      files over 4 MiB are hashed by size plus 64 sampled 64 KiB chunks, so an 8B
-      checkpoint costs milliseconds rather than a full read.
-    * A model object: hashes its config plus, per parameter, name, shape, dtype and the
-      float64 sum and sum of squares (one pass over the weights, no copy to the host).
-    """
-    h = hashlib.sha256()
-    if isinstance(model_dir_or_model, (str, os.PathLike)):
-        root = Path(model_dir_or_model)
-        if not root.is_dir():
-            raise FileNotFoundError(f"model_fingerprint: {root} is not a directory")
-        for path in sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")):
-            _hash_file(h, path)
-        return h.hexdigest()[:16]
-
-    import torch
-
-    model = model_dir_or_model
-    config = getattr(model, "config", None)
-    if config is not None:
-        h.update(
-            config.to_json_string(use_diff=False).encode()
-            if hasattr(config, "to_json_string")
-            else repr(config).encode()
-        )
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            x = p.detach().to(torch.float64)
-            h.update(
-                f"{name}:{tuple(p.shape)}:{p.dtype}:{x.sum().item():.10e}:{(x * x).sum().item():.10e}".encode()
-            )
-    return h.hexdigest()[:16]
-
-
-def source_fingerprint(name_or_path: str, revision: str | None = None) -> str:
-    """A cache-key fingerprint for a model *reference* (a config's ``model.name_or_path``).
-
-    * A local directory: :func:`model_fingerprint` of its files.
-    * A hub id (``name`` or ``org/name``): ``hub:<id>@<revision or main>``. Never the
-      downloaded files: the key must be the same before and after the first download,
-      and on every rank (rank 0 downloads and samples under ``main_process_first``; the
-      others must hit its cache, not re-sample). Pin ``model.revision`` to a commit for
-      a key that cannot go stale when the branch moves.
-
-    A name that looks like a local path (``/``, ``./``, ``~``, more than one ``/``, or
-    whose parent folder exists, like ``runs/model``) but is not a directory is an error.
-    """
-    root = Path(name_or_path).expanduser()
-    if root.is_dir():
-        return model_fingerprint(root)
-    parent = root.parent
-    path_like = (name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1 or "\\" in name_or_path
-                 or not _HUB_ID.fullmatch(name_or_path) or (str(parent) not in ("", ".") and parent.is_dir()))
-    if path_like:
-        raise FileNotFoundError(f"model_fingerprint: {name_or_path} is not a directory")
-    return f"hub:{name_or_path}@{revision or 'main'}"
-
-
-# Hub repo ids: "name" or "org/name" of letters, digits, '-', '_', '.'.
-_HUB_ID = re.compile(r"[\w][\w.-]*(/[\w][\w.-]*)?")
 
 
 class TokenSample(NamedTuple):
@@ -340,7 +254,7 @@ def generate(
     """Generate ``n`` completions for each prompt; returns ``n`` strings per prompt.
 
     ``model`` is a loaded HF model (``tokenizer`` renders and decodes), or a generation
-    backend from :mod:`alignkit.backends` (an OpenAI-compatible endpoint, vLLM), which
+    backend from :mod:`alignkit.generation.backends` (an OpenAI-compatible endpoint, vLLM), which
     receives the same batches and per-batch seeds; the batching, seeding, caching and
     return values below are the same for both.
 
@@ -368,7 +282,7 @@ def generate(
     """
     from tqdm.auto import tqdm
 
-    from alignkit.backends import GenerationBackend
+    from alignkit.generation.base import GenerationBackend
 
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")

@@ -3,7 +3,7 @@
 ``alignkit serve MODEL_DIR`` exposes ``/v1/chat/completions``, ``/v1/completions`` and
 ``/v1/models`` so that the HTTP judge, the ``openai`` generation backend, or any OpenAI
 client (the official ``openai`` Python package included) can talk to a local checkpoint.
-Generation goes through :func:`alignkit.sampling.sample_tokens` (the decoding loop of
+Generation goes through :func:`alignkit.generation.sampling.sample_tokens` (the decoding loop of
 training-time sampling) and is serialised by a lock: one model, one generate at a time;
 requests queue in their handler threads. Binds loopback by default — there is no
 authentication unless ``api_key`` is set, so exposing it is an explicit choice.
@@ -21,7 +21,7 @@ What a client gets, and what it does not:
 * ``finish_reason`` is ``length`` when ``max_tokens`` was reached, else ``stop`` (end token
   or a ``stop`` string; the stop string itself is not returned).
 * ``seed``: with one, sampling is reproducible (a chat request with seed s samples the same
-  tokens as ``alignkit.sampling.generate([...], seed=s, batch_size=1)``); without one each
+  tokens as ``alignkit.generation.sampling.generate([...], seed=s, batch_size=1)``); without one each
   request draws a fresh random seed. ``temperature: 0`` decodes greedily.
 * Text is the exact decode of the generated tokens (special tokens skipped); clients that
   want it trimmed trim it (the ``openai`` generation backend does, like ``generate``).
@@ -307,7 +307,7 @@ class ChatServer(ThreadingHTTPServer):
         """Prompt ``p`` of the request: one dict per choice (text, tokens, log-probs, finish);
         ``emit(row, delta, step, finish)`` streams as the model decodes. Returns the choices
         and the completion tokens."""
-        from alignkit.sampling import sample_tokens
+        from alignkit.generation.sampling import sample_tokens
 
         choices = [_Choice(self.tokenizer, req.stop) for _ in range(req.n)]
 
@@ -624,7 +624,7 @@ def _positive_int(v: str) -> int:
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
-    """The options of ``alignkit serve`` (shared by ``python -m alignkit.serve`` and the CLI)."""
+    """The options of ``alignkit serve`` (shared by ``python -m alignkit.generation.serve`` and the CLI)."""
     ap.add_argument("model_dir", metavar="MODEL_DIR", help="a save_pretrained model directory (weights + tokenizer)")
     ap.add_argument("--host", default="127.0.0.1",
                     help="bind address (default 127.0.0.1: this machine only; another address warns, and without "
@@ -678,7 +678,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point for ``python -m alignkit.serve`` (``alignkit serve`` shares its options)."""
+    """Entry point for ``python -m alignkit.generation.serve`` (``alignkit serve`` shares its options)."""
     ap = argparse.ArgumentParser(prog="alignkit serve", description=__doc__.splitlines()[0])
     add_arguments(ap)
     return run(ap.parse_args(argv))

@@ -1,176 +1,30 @@
-"""Shared training plumbing: run directories, resume, logging, and the preference trainer.
-
-Run directory layout (``output_dir``)::
-
-    config.yaml          the resolved config (diffed on resume)
-    data_report.json     rows in/out and drops by reason
-    metrics.jsonl        one JSON line per logging step (loss, rewards, masks, lr, ...)
-    tb/                  TensorBoard events
-    checkpoints/checkpoint-N/   HF Trainer checkpoints; COMPLETE is written last
-    model/               the final weights (or LoRA adapter) + tokenizer
-    RUN_COMPLETE         written after the final model is saved
-"""
+"""The preference trainer: packed or padded DPO-family batches, one policy forward per step,
+reference log-probs precomputed once (:mod:`alignkit.training.reference`), per-pair metrics."""
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer
 
-from alignkit.config import ConfigError, RunConfig, common_checks, dump_config, preference_checks  # noqa: F401 (re-exported)
-from alignkit.data.io import atomic_write_text
+from alignkit.config import RunConfig
+from alignkit.core.distributed import is_main_process
+from alignkit.core.io import atomic_write_text
+from alignkit.training.reference import ReferenceCache, reference_cache_root, reference_model_key
+from alignkit.training.rundir import (
+    RunLogCallback,
+    apply_disable_dropout,
+    checkpoint_step,
+    finish_run,
+    prepare_run_dir,
+    training_arguments,
+)
 
 log = logging.getLogger(__name__)
-COMPLETE_MARKER = "COMPLETE"
-RUN_MARKER = "RUN_COMPLETE"
-
-
-# ---------------------------------------------------------------- run directory
-
-
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def checkpoint_step(path: str | Path | None) -> int:
-    """Global step of a checkpoint, from its trainer_state.json (folder names can be anything)."""
-    if not path:
-        return 0
-    state = Path(path) / "trainer_state.json"
-    return int(json.loads(state.read_text())["global_step"]) if state.exists() else 0
-
-
-def latest_complete_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest checkpoint whose completion marker exists (a crash mid-save leaves none)."""
-    ckpts = Path(run_dir) / "checkpoints"
-    if not ckpts.is_dir():
-        return None
-    done = [p for p in ckpts.glob("checkpoint-*") if (p / COMPLETE_MARKER).exists()]
-    return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
-
-
-def resolve_resume(cfg: RunConfig) -> str | None:
-    r = cfg.train.resume_from_checkpoint
-    if r in (None, "", "false", "False"):
-        return None
-    if r == "auto":
-        ck = latest_complete_checkpoint(cfg.output_dir)
-        return str(ck) if ck else None
-    if not (Path(r) / COMPLETE_MARKER).exists() and not Path(r, "trainer_state.json").exists():
-        raise ConfigError(f"field 'train.resume_from_checkpoint': {r} is not a complete checkpoint")
-    return r
-
-
-def prepare_run_dir(cfg: RunConfig) -> tuple[Path, str | None]:
-    """Create the run dir, refusing to clobber an earlier run unless resuming or told to."""
-    run = Path(cfg.output_dir)
-    resume = resolve_resume(cfg)
-    # Only rank 0 decides: other ranks would see the directory rank 0 just created. If
-    # rank 0 refuses, the launcher tears the other ranks down.
-    if is_main_process() and run.exists() and any(run.iterdir()) and resume is None:
-        if cfg.train.resume_from_checkpoint == "auto" and not (run / RUN_MARKER).exists():
-            # auto with nothing complete to resume: start over, dropping the killed run's logs and
-            # incomplete checkpoints so they don't mix with the new run's.
-            for stale in ("metrics.jsonl", "tb", "checkpoints"):
-                p = run / stale
-                if p.is_dir():
-                    shutil.rmtree(p)
-                elif p.exists():
-                    p.unlink()
-        elif not cfg.overwrite_output_dir:
-            raise ConfigError(
-                f"output_dir '{run}' already holds a run; choose another output_dir, resume it with "
-                "train.resume_from_checkpoint=auto, or set overwrite_output_dir=true"
-            )
-        else:
-            # Set the old run aside; it is deleted only once the new run completes (finish_run),
-            # so a failed overwrite still leaves it on disk.
-            aside = run.with_name(f".{run.name}.replaced")
-            if aside.exists():
-                shutil.rmtree(aside)
-            run.rename(aside)
-            log.warning("overwrite_output_dir: previous run moved to %s until this run completes", aside)
-    if is_main_process():
-        run.mkdir(parents=True, exist_ok=True)
-        if resume is not None and (run / "config.yaml").exists():
-            old = (run / "config.yaml").read_text()
-            new = dump_config(cfg)
-            if _strip_resume(old) != _strip_resume(new):
-                log.warning("config differs from the run being resumed (%s); continuing with the new one", run)
-        atomic_write_text(run / "config.yaml", dump_config(cfg))
-    return run, resume
-
-
-def _strip_resume(text: str) -> str:
-    return "\n".join(line for line in text.splitlines() if "resume_from_checkpoint" not in line)
-
-
-def training_arguments(cfg: RunConfig, run_dir: Path, cls=TrainingArguments, **extra) -> TrainingArguments:
-    t = cfg.train.model_dump()
-    t.pop("resume_from_checkpoint", None)
-    save_steps = t.pop("save_steps")
-    eval_steps = t.pop("eval_steps")
-    os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tb")
-    args = dict(
-        output_dir=str(run_dir / "checkpoints"),
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        save_strategy="steps" if save_steps else "no",
-        save_steps=save_steps or 500,
-        eval_strategy="steps" if (eval_steps and cfg.data.eval) else "no",
-        eval_steps=eval_steps,
-        disable_tqdm=bool(os.environ.get("TQDM_DISABLE")),
-        use_cpu=not torch.cuda.is_available(),
-        **t,
-    )
-    args.update(extra)
-    return cls(**args)
-
-
-class RunLogCallback(TrainerCallback):
-    """metrics.jsonl (one line per log) and checkpoint completion markers."""
-
-    def __init__(self, run_dir: Path, resume_step: int = 0):
-        self.path = Path(run_dir) / "metrics.jsonl"
-        if resume_step and self.path.exists() and is_main_process():
-            # Drop lines a killed run logged after the checkpoint we resume from.
-            keep = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= resume_step]
-            atomic_write_text(self.path, "".join(k + "\n" for k in keep))
-
-    def on_log(self, args, state, control, logs=None, **kw):
-        if state.is_world_process_zero and logs:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
-
-    def on_save(self, args, state, control, **kw):
-        if state.is_world_process_zero:
-            ck = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if ck.is_dir():
-                (ck / COMPLETE_MARKER).write_text(str(state.global_step))
-
-
-def read_metrics(run_dir: str | Path) -> list[dict]:
-    p = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(x) for x in p.read_text().splitlines() if x] if p.exists() else []
-
-
-def finish_run(trainer: Trainer, tokenizer, run_dir: Path, extra: dict | None = None) -> None:
-    """Save the final model + tokenizer and the completion marker (main process writes)."""
-    final = run_dir / "model"
-    trainer.save_model(str(final))
-    if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(str(final))
-        summary = {"global_step": trainer.state.global_step, **(extra or {})}
-        atomic_write_text(run_dir / "train_results.json", json.dumps(summary, indent=2))
-        (run_dir / RUN_MARKER).write_text("ok")
-        aside = run_dir.with_name(f".{run_dir.name}.replaced")
-        if aside.exists():
-            shutil.rmtree(aside)
 
 
 # ---------------------------------------------------------------- preference trainer
@@ -460,155 +314,14 @@ def _attn_impl(model) -> str | None:
     return getattr(_model_config(model), "_attn_implementation", None)
 
 
-class ReferenceCache:
-    """Reference log-prob tables on disk, keyed by (tokenised data + weights, reference model).
-
-    A second run, a resumed run or a hyperparameter sweep over β / loss type / learning
-    rate (none of which change the reference sums) reuses the table instead of running
-    the reference pass again (trl#3985). ``model_key`` must describe the reference's
-    weights and numerics (see :func:`reference_model_key`); the data part is a digest of
-    every pair's token ids and per-token weights in ``pair_index`` order, so any change
-    to the data, tokenizer, template, truncation or Mask-DPO masks is a miss."""
-
-    VERSION = 1
-
-    def __init__(self, root: str | Path, model_key: str):
-        self.root, self.model_key = Path(root), model_key
-
-    def key(self, dataset) -> str:
-        import hashlib
-
-        h = hashlib.sha256(f"v{self.VERSION}|{self.model_key}|{len(dataset)}".encode())
-        cols = ["pair_index", "prompt_ids", "chosen_ids", "rejected_ids", "chosen_weights", "rejected_weights"]
-        for row in dataset.select_columns(cols).iter(batch_size=1024):
-            h.update(json.dumps([row[c] for c in cols]).encode())
-        return h.hexdigest()[:32]
-
-    def load(self, key: str, n: int) -> torch.Tensor | None:
-        path = self.root / f"{key}.pt"
-        if not path.exists():
-            return None
-        table = torch.load(path, weights_only=True)
-        return table if tuple(table.shape) == (n, 2) else None
-
-    def save(self, key: str, table: torch.Tensor) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / f".{key}.{os.getpid()}.tmp"
-        torch.save(table.contiguous(), tmp)
-        os.replace(tmp, self.root / f"{key}.pt")
-
-
-def reference_model_key(model_cfg) -> str:
-    """What fixes the reference's log-probs: the weights (a content fingerprint of a local
-    directory, or hub id @ revision), dtype, quantisation and attention kernel. LoRA
-    settings are left out: the reference is the base model with the adapter disabled."""
-    from alignkit.models import resolve_path
-    from alignkit.sampling import source_fingerprint
-
-    fp = source_fingerprint(resolve_path(model_cfg.name_or_path), model_cfg.revision)
-    q = model_cfg.quantization.model_dump(mode="json") if model_cfg.quantization is not None else None
-    return json.dumps({"weights": fp, "dtype": model_cfg.dtype, "quantization": q,
-                       "attn": model_cfg.attn_implementation}, sort_keys=True)
-
-
-def reference_cache_root() -> Path:
-    return Path(os.environ.get("ALIGNKIT_CACHE", Path.home() / ".cache" / "alignkit")).expanduser() / "ref_logps"
-
-
 # ---------------------------------------------------------------- shared recipe flows
 
 
-def load_train_rows(cfg: RunConfig, kind: str, on_span_error: str = "raise") -> tuple[list[dict], list[dict] | None]:
-    """Validate train/eval rows — the first thing a run does, before any model loads.
-    ``on_span_error="ignore"``: sentence annotations are not read (recipes that never use them)."""
-    from alignkit.data import load_rows
-    from alignkit.paths import expand_config
-
-    expand_config(cfg)
-    d = cfg.data
-    train = load_rows(d.train, kind, d.max_errors, d.system_prompt, on_span_error)
-    evals = load_rows(d.eval, kind, d.max_errors, d.system_prompt, on_span_error) if d.eval else None
-    return train, evals
-
-
-def apply_disable_dropout(cfg: RunConfig, model, default: bool) -> None:
-    """``model.disable_dropout`` (unset: the recipe's ``default``) -> every dropout to 0."""
-    on = cfg.model.disable_dropout
-    if on if on is not None else default:
-        from alignkit.models import disable_dropout
-
-        n = disable_dropout(model)
-        log.info("disable_dropout: %d dropout settings set to 0", n)
-
-
-def train_sft_rows(cfg: RunConfig, tok, train_tok: list[dict], eval_tok: list[dict] | None, run_dir: Path,
-                   resume: str | None, completion_only_loss: bool, extra: dict, callbacks=()) -> Trainer:
-    """Plain SFT on pre-tokenised rows (``input_ids`` + ``completion_mask``) with ``trl.SFTTrainer``:
-    load the policy, train, save, evaluate. The last step of every recipe that ends in SFT
-    (``sft``; CRaFT's RAIT); returns the trainer."""
-    from datasets import Dataset
-    from transformers import set_seed
-    from trl import SFTConfig, SFTTrainer
-
-    from alignkit.models import load_model
-
-    set_seed(cfg.seed)
-    model = load_model(cfg.model)
-    apply_disable_dropout(cfg, model, default=False)  # TRL's SFT keeps dropout; opt in with model.disable_dropout
-
-    def strip(rs):
-        return Dataset.from_list([{"input_ids": r["input_ids"], "completion_mask": r["completion_mask"]} for r in rs])
-
-    args = training_arguments(
-        # Lengths are already enforced by data.length_policy; TRL must not truncate again.
-        cfg, run_dir, cls=SFTConfig, max_length=None, padding_free=bool(cfg.data.padding_free),
-        completion_only_loss=completion_only_loss, dataset_num_proc=None,
-    )
-    trainer = SFTTrainer(
-        model=model, args=args, train_dataset=strip(train_tok), eval_dataset=strip(eval_tok) if eval_tok else None,
-        processing_class=tok, callbacks=[RunLogCallback(run_dir, checkpoint_step(resume)), *callbacks],
-    )
-    trainer.train(resume_from_checkpoint=resume)
-    finish_run(trainer, tok, run_dir, extra)
-    run_eval_after_training(cfg, run_dir, trainer, tok)
-    return trainer
-
-
-def run_eval_after_training(cfg: RunConfig, run_dir: Path, trainer: Trainer, tokenizer) -> dict | None:
-    """Evaluate on the main process. Under ZeRO-3/FSDP the in-memory weights are sharded
-    (a forward on one rank would wait forever for the others), so the saved, gathered
-    model is reloaded instead."""
-    if not (cfg.eval.enabled and cfg.eval.datasets):
-        return None
-    trainer.accelerator.wait_for_everyone()
-    if not trainer.is_world_process_zero():
-        return None
-    from alignkit.evaluation import build_eval_judge, evaluate_model
-    from alignkit.models import load_for_inference
-
-    if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
-        # A plain single-process load: while TrainingArguments holds a ZeRO-3 config,
-        # from_pretrained would partition the weights through deepspeed.zero.Init and
-        # broadcast to ranks that have already left (gloo: "Connection closed by peer").
-        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
-        unset_hf_deepspeed_config()
-        model, tokenizer = load_for_inference(str(run_dir / "model"), cfg.model.dtype)
-    else:
-        model = trainer.accelerator.unwrap_model(trainer.model)
-        if cfg.model.quantization is not None:
-            from alignkit.models import configure_cpu_4bit
-
-            # Training is over (the final model is saved): the fast packed 4-bit CPU kernel may be used now.
-            configure_cpu_4bit(model, allow_packed=cfg.model.quantization.cpu_packed_inference)
-    model.eval()
-    judge = build_eval_judge(cfg.eval.judge, cfg.model.name_or_path)
-    return evaluate_model(model, tokenizer, cfg.eval, judge, run_dir, seed=cfg.seed)
-
-
 def train_preference(cfg: RunConfig, method, rows: list[dict], eval_rows: list[dict] | None,
-                     weight_fn=None, callbacks=()) -> Path:
-    """Tokenise preference rows (with optional per-token weights) and run PreferenceTrainer."""
+                     weight_fn=None, callbacks=(), evaluate: Callable | None = None) -> Path:
+    """Tokenise preference rows (with optional per-token weights) and run PreferenceTrainer.
+    ``evaluate(cfg, run_dir, trainer, tokenizer)`` runs after the final model is saved (recipes
+    pass :func:`alignkit.evaluation.evaluate_after_training`: evaluation is a later layer)."""
     import time
 
     from datasets import Dataset
@@ -657,5 +370,6 @@ def train_preference(cfg: RunConfig, method, rows: list[dict], eval_rows: list[d
     trainer.train(resume_from_checkpoint=resume)
     timings = {"tokenize_s": round(tokenize_s, 3), **trainer.timings}
     finish_run(trainer, tok, run_dir, {"data": report.as_dict(), "timings": timings})
-    run_eval_after_training(cfg, run_dir, trainer, tok)
+    if evaluate is not None:
+        evaluate(cfg, run_dir, trainer, tok)
     return run_dir

@@ -42,8 +42,8 @@ class OverAlignmentWatch(TrainerCallback):
         return out
 
     def measure(self, model) -> dict[str, float]:
+        from alignkit.generation.sampling import generate
         from alignkit.judges.base import JudgeRequest
-        from alignkit.sampling import generate
 
         was_training = model.training
         model.eval()

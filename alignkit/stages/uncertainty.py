@@ -41,12 +41,16 @@ This module imports torch / transformers only inside the ``nli`` backend.
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+# normalize_answer: the loose normaliser of whole answers; is_abstention is re-exported (one
+# definition, in judges.rules, which evaluation's qa task also uses)
+from alignkit.judges.rules import is_abstention  # noqa: F401
+from alignkit.judges.rules import normalize_loose as normalize_answer
 
 ENTAILMENT, NEUTRAL, CONTRADICTION = "entailment", "neutral", "contradiction"
 NLI_LABELS = (ENTAILMENT, NEUTRAL, CONTRADICTION)
@@ -59,14 +63,6 @@ DEFAULT_NLI_PROMPT = (
     "Does Possible Answer 1 semantically entail Possible Answer 2? "
     "Respond with entailment, contradiction, or neutral."
 )
-
-
-def normalize_answer(text: str) -> str:
-    """Lower case, curly quotes straightened, inner whitespace collapsed, surrounding
-    whitespace and punctuation stripped."""
-    t = text.lower().replace("\u2019", "'").strip()
-    t = re.sub(r"\s+", " ", t)
-    return t.strip(" .,!?;:\"'")
 
 
 # --------------------------------------------------------------------------- clustering
@@ -227,19 +223,6 @@ def parse_nli_label(text: str) -> str:
         if w in head:
             return w
     return NEUTRAL
-
-
-def is_abstention(response: str, phrase: str, match: str = "substring") -> bool:
-    """Whether ``response`` abstains with ``phrase`` (se_abstention.md §9 ``abstain_match``):
-    ``substring`` (default) — the normalised phrase occurs in the normalised response;
-    ``exact`` — they are equal after :func:`normalize_answer` (case, curly quotes, spaces and
-    surrounding punctuation)."""
-    r, p = normalize_answer(response), normalize_answer(phrase)
-    if match == "exact":
-        return r == p
-    if match == "substring":
-        return bool(p) and p in r
-    raise ValueError(f"abstain_match must be substring or exact, got {match!r}")
 
 
 class LLMEntailment(_Entailment):

@@ -9,37 +9,23 @@ a "did you mean" suggestion. ``key=value`` overrides address any field by dotted
 
 from __future__ import annotations
 
-import copy
-import difflib
-import re
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads ``1e-8``/``5E+3`` as floats (PyYAML's YAML 1.1 reads them as strings)."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
 )
 
-
-def yaml_load(text: str):
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 — a SafeLoader subclass
-
-
-class ConfigError(ValueError):
-    """Every problem of a config file, with field paths and fixes."""
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+from alignkit.config.base import ConfigError, Strict, _format_errors, _suggest, read_raw_config
+from alignkit.config.tasks import TASK_OPTIONS
 
 
 class LoraConfig(Strict):
@@ -133,7 +119,7 @@ class TrainConfig(BaseModel):
             raise ValueError("; ".join(f"unknown training argument '{k}'{hint}" for k, hint in unknown))
         if self.bf16 and self.fp16:
             raise ValueError("bf16 and fp16 are mutually exclusive")
-        from alignkit.hf_names import scheduler_names
+        from alignkit.core.hf_names import scheduler_names
 
         names = list(scheduler_names())
         if self.lr_scheduler_type not in names:
@@ -155,7 +141,7 @@ OWNED_TRAIN_KEYS = {
 
 def unknown_train_keys(keys) -> list[tuple[str, str]]:
     """``(key, hint)`` for keys that are not TrainingArguments fields, or that alignkit owns."""
-    from alignkit.hf_names import training_argument_names
+    from alignkit.core.hf_names import training_argument_names
 
     known = set(training_argument_names()) | set(TrainConfig.model_fields)
     out = [(k, _suggest(k, known)) for k in sorted(set(keys) - known)]
@@ -169,25 +155,17 @@ class EvalSet(Strict):
     limit: int | None = Field(None, ge=1)
     where: dict[str, str | int | bool] = Field(default_factory=dict, description="keep rows whose columns equal these")
     options: dict[str, Any] = Field(default_factory=dict, description="task options (jailbreak: techniques, "
-                                    "mbr_success; alignkit.attacks.config.JailbreakTaskOptions)")
+                                    "mbr_success; alignkit.config.attack.JailbreakTaskOptions)")
 
     @model_validator(mode="after")
     def _options(self):
-        # options are read by the jailbreak and qa tasks only; anywhere else they would be silently ignored
-        if self.task == "jailbreak":
-            from alignkit.attacks.config import validate_task_options
-
-            validate_task_options(self.options)  # ConfigError (a ValueError) with every problem, field paths
-        elif self.task == "qa":
-            from alignkit.evaluation import qa_options
-
-            qa_options(self.options)
-        elif self.task == "dualuse":
-            from alignkit.evaluation import dualuse_options
-
-            dualuse_options(self.options)
+        # each task validates its own options (config.tasks.TASK_OPTIONS); a task without an
+        # entry takes none, where options would be silently ignored
+        check = TASK_OPTIONS.get(self.task)
+        if check is not None:
+            check(self.options)  # a ValueError (ConfigError for jailbreak) naming the option
         elif self.options:
-            raise ValueError(f"options: task {self.task!r} takes no options (jailbreak, qa and dualuse do), "
+            raise ValueError(f"options: task {self.task!r} takes no options ({', '.join(sorted(TASK_OPTIONS))} do), "
                              f"got {sorted(self.options)}")
         return self
 
@@ -216,7 +194,7 @@ _OPENAI_ONLY = ("base_url", "model", "api_key_env", "fingerprint", "max_concurre
 
 
 class GenerationConfig(Strict):
-    """The engine the prepare stages sample the base/policy model with (``alignkit.backends``):
+    """The engine the prepare stages sample the base/policy model with (``alignkit.generation.backends``):
     pair sampling, unsafe-set generation, CRaFT's open-ended query, SE-abstention samples.
     Evaluation of the trained model always runs locally."""
 
@@ -270,100 +248,25 @@ class RunConfig(Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
 
+    # the recipe's schema of ``method``, set by the loader (alignkit.recipes.load_config)
+    _method_schema: type[BaseModel] | None = PrivateAttr(default=None)
+
     def method_config(self) -> BaseModel:
         """The ``method`` section validated by the recipe's own schema."""
-        from alignkit.recipes import get_recipe
-
-        return get_recipe(self.recipe).Method.model_validate(self.method)
-
-
-def _suggest(key: str, options) -> str:
-    match = difflib.get_close_matches(key, list(options), n=1, cutoff=0.6)
-    return f"; did you mean '{match[0]}'?" if match else ""
+        if self._method_schema is None:
+            raise ConfigError("this config was not loaded with alignkit.recipes.load_config, so its recipe's "
+                              "method schema is unknown; validate cfg.method with the recipe's Method instead")
+        return self._method_schema.model_validate(self.method)
 
 
-def _model_fields_at(path: tuple) -> set[str]:
-    """Field names of the (nested) model at ``path``; dict[str, Model] levels skip the key."""
-    model: Any = RunConfig
-    parts = list(path)
-    while parts:
-        part = parts.pop(0)
-        fields = getattr(model, "model_fields", {})
-        if part not in fields:
-            return set()
-        ann = fields[part].annotation
-        cands = getattr(ann, "__args__", (ann,))
-        if getattr(ann, "__origin__", None) is dict:
-            cands, parts = cands[1:], parts[1:]  # dict value type; drop the user's key
-        for cand in cands:
-            if isinstance(cand, type) and issubclass(cand, BaseModel):
-                model = cand
-                break
-        else:
-            return set()
-    return set(getattr(model, "model_fields", {}))
-
-
-def _format_errors(err: ValidationError, source: str, prefix: tuple = ()) -> list[str]:
-    lines = []
-    for e in err.errors():
-        loc = (*prefix, *e["loc"])
-        path = ".".join(str(x) for x in loc) or "<root>"
-        if e["type"] == "extra_forbidden":
-            key = str(loc[-1])
-            hint = _suggest(key, _model_fields_at(loc[:-1]))
-            lines.append(f"{source}: field '{path}': unknown key{hint}")
-        else:
-            got = e.get("input")
-            got_s = "" if isinstance(got, dict) else f" (got {got!r})"
-            lines.append(f"{source}: field '{path}': {e['msg']}{got_s}")
-    return lines
-
-
-def set_dotted(d: dict, dotted: str, value: Any) -> None:
-    parts = dotted.split(".")
-    cur = d
-    for p in parts[:-1]:
-        if not isinstance(cur.get(p), dict):
-            cur[p] = {}
-        cur = cur[p]
-    cur[parts[-1]] = value
-
-
-def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
-    out = []
-    for o in overrides:
-        if "=" not in o:
-            raise ConfigError(f"override {o!r}: expected key=value (e.g. train.learning_rate=1e-5)")
-        k, v = o.split("=", 1)
-        out.append((k.strip(), yaml_load(v) if v != "" else None))
-    return out
-
-
-def read_raw_config(path: str | Path | dict, overrides: list[str] | None = None) -> tuple[dict, str]:
-    """A config file (or dict) as a mapping with dotted overrides applied, and its name for
-    error messages; shared by recipe configs and attack configs (``alignkit.attacks.config``)."""
-    if isinstance(path, dict):
-        raw, source = copy.deepcopy(path), "<dict>"  # overrides must not mutate the caller's dict
-    else:
-        source = str(path)
-        try:
-            raw = yaml_load(Path(path).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"{source}: file not found") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{source}: invalid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: expected a mapping at the top level")
-    for k, v in parse_overrides(overrides or []):
-        set_dotted(raw, k, v)
-    return raw, source
-
-
-def load_config(path: str | Path | dict, overrides: list[str] | None = None) -> RunConfig:
-    """Load, override and validate a recipe config, including its ``method`` section."""
+def load_run_config(path: str | Path | dict, overrides: list[str] | None, recipes: Collection[str],
+                    get_recipe: Callable[[str], Any]) -> RunConfig:
+    """Load, override and validate a recipe config, including its ``method`` section, with the
+    schemas of the recipe registry (``recipes``: its names; ``get_recipe(name)``: the module
+    with ``Method`` and ``check_config``). Users call :func:`alignkit.recipes.load_config`, which
+    passes the registry: the config layer never imports a recipe."""
     raw, source = read_raw_config(path, overrides)
-    from alignkit.recipes import RECIPES, get_recipe
+    RECIPES = recipes  # noqa: N806 - the registry, as the messages name it
 
     # Collect every problem of the file before reporting: schema, train keys, method, recipe.
     lines: list[str] = []
@@ -377,7 +280,7 @@ def load_config(path: str | Path | dict, overrides: list[str] | None = None) -> 
             {**raw, "train": {k: v for k, v in train_raw.items() if k not in dict(unknown_train)}}
             if unknown_train else raw)
     except ValidationError as e:
-        lines += _format_errors(e, source)
+        lines += _format_errors(e, source, root=RunConfig)
     recipe_name = raw.get("recipe")
     method = None
     if isinstance(recipe_name, str) and recipe_name not in RECIPES:
@@ -397,6 +300,7 @@ def load_config(path: str | Path | dict, overrides: list[str] | None = None) -> 
             lines += [f"{source}: {p}" for p in recipe.check_config(cfg, method)]
     if lines:
         raise ConfigError("\n".join(lines))
+    cfg._method_schema = recipe.Method
     return cfg
 
 
