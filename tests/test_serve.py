@@ -170,6 +170,9 @@ def test_finish_reason_length_stop_string_and_end_token(client, served):
     (dict(max_tokens=65), "cap of 64"),
     (dict(stream_options={"include_usage": True}), "stream_options"),
     (dict(temperature=3), "temperature"),
+    # OpenAI's "up to 4" stop sequences, each bounded: more, or longer, is a 400 before any generation.
+    (dict(stop=["a", "b", "c", "d", "e"]), "at most 4 strings"),
+    (dict(stop=["x" * 129]), "at most 128 characters"),
 ])
 def test_unsupported_or_bad_parameters_get_a_clear_400(client, kw, match):
     with pytest.raises(openai.BadRequestError, match=match):
@@ -236,14 +239,89 @@ def test_cli_passes_every_server_option(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(sv, "serve", fake_serve)
     monkeypatch.setenv("ALIGNKIT_SERVE_KEY", "sk-cli-7")
     argv = ["serve", str(tmp_path), "--port", "0", "--host", "127.0.0.1", "--model-name", "llama", "--api-key-env",
-            "ALIGNKIT_SERVE_KEY", "--max-new-tokens-cap", "32", "--dtype", "float32"]
+            "ALIGNKIT_SERVE_KEY", "--max-new-tokens-cap", "32", "--dtype", "float32",
+            "--max-concurrent-requests", "7", "--max-connections", "9", "--max-choices-per-request", "11",
+            "--keep-alive-timeout", "2.5", "--read-timeout", "12", "--write-timeout", "13", "--stream-backlog", "17"]
     assert main(argv) == 0
     assert seen == {"model_dir": str(tmp_path), "host": "127.0.0.1", "port": 0, "model_name": "llama",
                     "api_key": "sk-cli-7", "dtype": "float32", "device": None, "max_new_tokens_cap": 32,
+                    "max_concurrent_requests": 7, "max_connections": 9, "max_choices_per_request": 11,
+                    "keep_alive_timeout": 2.5, "read_timeout": 12.0, "write_timeout": 13.0, "stream_backlog": 17,
                     "shutdown": True}
     assert "sk-cli-7" not in capsys.readouterr().out
     monkeypatch.delenv("ALIGNKIT_SERVE_KEY")
     assert main(argv) == 2
     assert "ALIGNKIT_SERVE_KEY: the environment variable is not set" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["serve", str(tmp_path), "--max-new-tokens-cap", "0"])
+    for bad in (["--max-new-tokens-cap", "0"], ["--max-connections", "0"], ["--write-timeout", "0"],
+                ["--keep-alive-timeout", "-1"], ["--stream-backlog", "x"]):
+        with pytest.raises(SystemExit):
+            main(["serve", str(tmp_path), *bad])
+    # Without the options, serve() gets the documented defaults.
+    seen.clear()
+    assert main(["serve", str(tmp_path)]) == 0
+    assert {k: seen[k] for k in sv.DEFAULT_LIMITS} == sv.DEFAULT_LIMITS
+
+
+def test_prompts_times_n_is_capped_per_request(client, served):
+    # 3 prompts x n=50 = 150 choices > the default cap of 128: refused before anything is tokenised.
+    with pytest.raises(openai.BadRequestError, match="150 choices exceeds this server's cap of 128"):
+        client.completions.create(model="tiny", prompt=["a", "b", "c"], n=50, max_tokens=1)
+    r = client.completions.create(model="tiny", prompt=["a", "b"], n=64, max_tokens=1)  # exactly 128: served
+    assert len(r.choices) == 128
+
+
+def test_a_chat_template_that_refuses_the_messages_is_a_400(client, served, monkeypatch):
+    monkeypatch.setattr(served.tokenizer, "chat_template",
+                        "{{ raise_exception('Conversation roles must alternate user/assistant') }}")
+    with pytest.raises(openai.BadRequestError, match="roles must alternate"):
+        client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=2)
+
+
+def test_a_500_names_an_error_id_and_keeps_the_details_in_the_log(client, served, monkeypatch, caplog):
+    import alignkit.generation.sampling as sampling
+
+    def broken(*a, **k):
+        raise RuntimeError("CUDA-ish failure in /srv/secret/weights.bin")
+
+    monkeypatch.setattr(sampling, "sample_tokens", broken)
+    with caplog.at_level("ERROR", logger="alignkit.generation.serve"):
+        with pytest.raises(openai.InternalServerError) as e:
+            client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=2)
+        body = json.dumps({"model": "tiny", "messages": MSGS, "max_tokens": 2, "stream": True}).encode()
+        req = urllib.request.Request(served.base_url + "/chat/completions", data=body,
+                                     headers={"Content-Type": "application/json"}, method="POST")
+        with urllib.request.urlopen(req, timeout=30) as r:  # headers were out: the error comes in the stream
+            events = [json.loads(x[6:]) for x in r.read().decode().split("\n") if x.startswith("data: {")]
+    err = e.value.body
+    assert "secret" not in json.dumps(err) and "RuntimeError" not in json.dumps(err)
+    assert err["type"] == "server_error" and err["error_id"] in err["message"]
+    streamed = [x["error"] for x in events if "error" in x]
+    assert len(streamed) == 1 and "secret" not in json.dumps(streamed) and streamed[0]["error_id"]
+    # The traceback is in the server log, under the same ids.
+    logged = "\n".join(r.getMessage() + (caplog.text if r.exc_info else "") for r in caplog.records)
+    assert err["error_id"] in logged and streamed[0]["error_id"] in logged and "/srv/secret/weights.bin" in caplog.text
+    assert served.stats["server_errors"] >= 2
+
+
+def test_streaming_decodes_incrementally_and_joins_to_the_full_text(client, served, monkeypatch):
+    """Each streamed token re-decodes a few tokens, not the whole text so far (which made a
+    stream's decoding quadratic in its length); the joined stream is still exactly the text."""
+    kw = dict(messages=MSGS, max_tokens=64, n=3, seed=5, temperature=1.0)
+    whole = client.chat.completions.create(model="tiny", **kw)
+    cls = type(served.tokenizer)  # every tokenizer of this class the server decodes with
+    real = cls.decode
+    seen = []
+
+    def counting(self, ids, *a, **k):
+        seen.append(len(ids) if isinstance(ids, list) else 1)
+        return real(self, ids, *a, **k)
+
+    monkeypatch.setattr(cls, "decode", counting)
+    text, finish, _, usage = _stream_chat(client, stream_options={"include_usage": True}, **kw)
+    monkeypatch.undo()
+    assert [text[c.index] for c in whole.choices] == [c.message.content for c in whole.choices]
+    assert [finish[c.index] for c in whole.choices] == [c.finish_reason for c in whole.choices]
+    tokens = usage.completion_tokens
+    # Re-decoding everything per token reads ~tokens/2 ids per token per choice (~32 here); incremental
+    # decoding reads a few per token plus one full decode per choice at its end.
+    assert sum(seen) <= 8 * tokens, (sum(seen), tokens)

@@ -76,10 +76,12 @@ class OpenAIBackend(GenerationBackend):
     """Chat completions from any OpenAI-compatible server, one request per prompt (with
     ``n`` samples), at most ``max_concurrency`` in flight.
 
-    Standard library only. Transient failures (5xx, 429, timeouts, connection errors) are
-    retried with exponential backoff; other 4xx fail at once. The API key is read from the
-    environment variable ``api_key_env`` at request time and never stored, logged or put in
-    an error. ``stats`` counts ``requests`` (attempts), ``retries`` and ``completions``.
+    Requests go through :class:`alignkit.core.http.JSONClient` (httpx2). Transient failures
+    (5xx, 429, timeouts, connection errors) are retried with exponential backoff; other 4xx
+    fail at once. The API key is read from the environment variable ``api_key_env`` at request
+    time and never stored, logged or put in an error; it never follows a redirect and goes
+    over plain ``http://`` only to loopback. ``stats`` counts ``requests`` (attempts),
+    ``retries`` and ``completions``.
 
     ``top_k > 0`` is sent as ``top_k`` (a vLLM / SGLang extension). Log-probs come from
     ``logprobs: true``: the sum (or mean) of the reported per-token log-probs, which
@@ -93,7 +95,7 @@ class OpenAIBackend(GenerationBackend):
     def __init__(self, base_url: str, model: str, *, api_key_env: str | None = None, max_concurrency: int = 16,
                  timeout_s: float = 300.0, max_retries: int = 3, backoff: float = 0.5, fingerprint: str | None = None,
                  cache_dir: str | os.PathLike | None = None) -> None:
-        from alignkit.core.http import chat_completions_url, opener_for
+        from alignkit.core.http import JSONClient, chat_completions_url
 
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
@@ -112,7 +114,9 @@ class OpenAIBackend(GenerationBackend):
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.stats: Counter[str] = Counter()
         self._lock = threading.Lock()
-        self._opener = opener_for(self.url)
+        self._client = JSONClient(self.url, api_key_env=api_key_env, timeout=timeout_s, max_retries=max_retries,
+                                  backoff=backoff, where=self._where(), error=GenerationBackendError,
+                                  max_connections=max_concurrency)
 
     def prompt_keys(self, prompts: Sequence[Any]) -> list[Any]:
         return [_messages(p, i) for i, p in enumerate(prompts)]
@@ -182,11 +186,7 @@ class OpenAIBackend(GenerationBackend):
             self.stats[name] += 1
 
     def _post(self, payload: dict[str, Any]) -> dict[str, Any]:
-        from alignkit.core.http import post_json
-
-        raw = post_json(self._opener, self.url, payload, api_key_env=self.api_key_env, timeout=self.timeout,
-                        max_retries=self.max_retries, backoff=self.backoff, count=self._count, where=self._where(),
-                        error=GenerationBackendError)
+        raw = self._client.post(payload, self._count)
         try:
             data = json.loads(raw)
         except ValueError:
