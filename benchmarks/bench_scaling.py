@@ -17,6 +17,7 @@ steps on B x steps pairs.
 Prints a markdown table; raw runs in ``benchmarks/results/scaling.json``.
 
     python benchmarks/bench_scaling.py [--lengths 128 256 512 1024] [--batches 2 8] [--steps 4]
+    python benchmarks/bench_scaling.py --points 1024x8 128x2     # only these (S x B) points
 """
 
 from __future__ import annotations
@@ -64,11 +65,19 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--lengths", type=int, nargs="+", default=[128, 256, 512, 1024])
     p.add_argument("--batches", type=int, nargs="+", default=[2, 8])
+    p.add_argument("--points", nargs="+", metavar="SxB", default=None,
+                   help="only these sequence-length x batch points (e.g. 1024x8 128x2), instead of the grid")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(dc.REPO / "benchmarks" / "results" / "scaling.json"))
     p.add_argument("--keep", action="store_true", help="keep the temporary run directories")
     args = p.parse_args(argv)
+    try:
+        args.grid = ([tuple(int(x) for x in pt.lower().split("x")) for pt in args.points] if args.points
+                     else [(s, b) for s in args.lengths for b in args.batches])
+    except ValueError:
+        p.error(f"--points takes SxB pairs such as 1024x8, got {args.points}")
+    args.lengths = [s for s, _ in args.grid]
     if max(args.lengths) > dc.MODELS[MODEL]["max_position_embeddings"] or max(args.lengths) > 1024:
         p.error("lengths above 1024 would be truncated by both trainers' default max_length (1024)")
     t_start = time.perf_counter()
@@ -95,24 +104,23 @@ def bench(args, root: Path) -> None:
     rows = []
     probes: list[float] = []  # the machine's matmul rate just before each run
     try:
-        for seq_len in args.lengths:
-            for batch in args.batches:
-                lens = dc.fixed_lengths(batch * args.steps, seq_len)
-                data = dc.write_jsonl(dc.make_rows(lens, vocab, seed=args.seed), root / f"s{seq_len}_b{batch}.jsonl")
-                row = {"seq_len": seq_len, "batch": batch, "tokens_per_step": 2 * batch * seq_len}
-                # Alternate which arm goes first from one configuration to the next.
-                for arm in ARMS if len(rows) % 2 == 0 else ARMS[::-1]:
-                    work = root / f"{arm}_s{seq_len}_b{batch}"
-                    probes.append(statistics.median(dc.matmul_gflops(repeats=3)))
-                    res = zygotes[dc.ARMS[arm][0]].run(dc.make_job(arm, mdir, data, work, batch, lr,
-                                                                   max_steps=args.steps))
-                    res.update(step_s_median=step_time(res), train_mib=res["peak_rss_mib"] - res["rss_start_mib"],
-                               machine_gflops_before=probes[-1])
-                    row[arm] = {"step_s": res["step_s_median"], "setup_s": res["setup_s"],
-                                "peak_rss_mib": res["peak_rss_mib"], "train_mib": res["train_mib"], "raw": res}
-                    print(f"  S={seq_len:5d} B={batch}: {arm:12s} step {res['step_s_median']:6.2f} s, setup "
-                          f"{res['setup_s']:5.1f} s, peak {res['peak_rss_mib']:6.0f} MiB", flush=True)
-                rows.append(row)
+        for seq_len, batch in args.grid:
+            lens = dc.fixed_lengths(batch * args.steps, seq_len)
+            data = dc.write_jsonl(dc.make_rows(lens, vocab, seed=args.seed), root / f"s{seq_len}_b{batch}.jsonl")
+            row = {"seq_len": seq_len, "batch": batch, "tokens_per_step": 2 * batch * seq_len}
+            # Alternate which arm goes first from one configuration to the next.
+            for arm in ARMS if len(rows) % 2 == 0 else ARMS[::-1]:
+                work = root / f"{arm}_s{seq_len}_b{batch}"
+                probes.append(statistics.median(dc.matmul_gflops(repeats=3)))
+                res = zygotes[dc.ARMS[arm][0]].run(dc.make_job(arm, mdir, data, work, batch, lr,
+                                                               max_steps=args.steps))
+                res.update(step_s_median=step_time(res), train_mib=res["peak_rss_mib"] - res["rss_start_mib"],
+                           machine_gflops_before=probes[-1])
+                row[arm] = {"step_s": res["step_s_median"], "setup_s": res["setup_s"],
+                            "peak_rss_mib": res["peak_rss_mib"], "train_mib": res["train_mib"], "raw": res}
+                print(f"  S={seq_len:5d} B={batch}: {arm:12s} step {res['step_s_median']:6.2f} s, setup "
+                      f"{res['setup_s']:5.1f} s, peak {res['peak_rss_mib']:6.0f} MiB", flush=True)
+            rows.append(row)
     finally:
         for z in zygotes.values():
             z.close()

@@ -1,17 +1,33 @@
 """HTTP plumbing shared by the HTTP judge, the ``openai`` generation backend and attack
-targets: endpoint URLs, a proxy-free opener for loopback, and one retrying JSON POST."""
+targets: endpoint URLs and one retrying JSON client, on ``httpx2`` (the maintained HTTP client
+the official ``openai`` package and ``huggingface_hub`` are built on).
+
+What the client guarantees, whoever calls it:
+
+* **The API key never leaves for another address.** Redirects are not followed (a 3xx is an
+  error naming where it pointed), so the ``Authorization`` header goes only to the configured
+  URL; and a key is sent over plain ``http://`` only to a loopback host (a local
+  ``alignkit serve`` or ``vllm serve``) — anywhere else it needs ``https://``.
+* **The key is read per request** from the environment variable named by ``api_key_env``,
+  and never stored, logged or put in an error.
+* **Retries, timeouts, bounded connections.** 5xx, 429, timeouts and connection errors are
+  retried with exponential backoff (at least a numeric ``Retry-After``, capped at 60 s);
+  other 4xx fail at once. ``timeout`` bounds connecting, each read and each write; the
+  connection pool holds at most ``max_connections`` (callers bound in-flight requests with
+  their thread pools).
+* Loopback endpoints bypass any proxy set in the environment.
+"""
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
+
+import httpx2
 
 _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
@@ -26,69 +42,91 @@ def chat_completions_url(base_url: str) -> str:
     return url + "/v1/chat/completions"
 
 
-def opener_for(url: str) -> urllib.request.OpenerDirector:
-    """A urllib opener for ``url``; loopback endpoints (a local ``alignkit serve`` or
-    ``vllm serve``) bypass any proxy set in the environment."""
-    host = urllib.parse.urlsplit(url).hostname or ""
-    return urllib.request.build_opener(*([urllib.request.ProxyHandler({})] if host in _LOOPBACK else []))
+def is_loopback(url: str) -> bool:
+    host = (urlsplit(url).hostname or "").lower()
+    return host in _LOOPBACK or host.startswith("127.")
 
 
-def post_json(opener: urllib.request.OpenerDirector, url: str, payload: dict[str, Any], *,
-              api_key_env: str | None, timeout: float, max_retries: int, backoff: float,
-              count: Callable[[str], None], where: str, error: type[Exception]) -> bytes:
-    """POST ``payload`` as JSON; the raw body of the first successful reply.
-
-    Shared by the HTTP judge and the ``openai`` generation backend. Transient failures
-    (5xx, 429, timeouts, connection errors) are retried ``max_retries`` times with
-    exponential backoff (at least a numeric ``Retry-After``); other 4xx raise at once.
-    The key is read from ``api_key_env`` per call and never put in a message. ``count``
-    gets ``"requests"`` per attempt and ``"retries"`` per repeat; failures raise
-    ``error("<where> failed ...")``.
-    """
-    body = json.dumps(payload).encode()
-    headers = {"Content-Type": "application/json", "Accept": "application/json"}
-    key = os.environ.get(api_key_env) if api_key_env else None
-    if key:
-        headers["Authorization"] = f"Bearer {key}"
-    attempts = max_retries + 1
-    last = "no attempt made"
-    for attempt in range(1, attempts + 1):
-        count("requests")
-        if attempt > 1:
-            count("retries")
-        retry_after = 0.0
-        try:
-            req = urllib.request.Request(url, data=body, headers=headers, method="POST")
-            with opener.open(req, timeout=timeout) as resp:
-                return resp.read()
-        except urllib.error.HTTPError as e:
-            detail = _snippet(e)
-            if e.code != 429 and e.code < 500:
-                raise error(f"{where} failed with HTTP {e.code} (not retried, attempt {attempt}): {detail}") from None
-            last = f"HTTP {e.code}: {detail}"
-            retry_after = _retry_after(e)
-        except TimeoutError as e:  # socket.timeout is an alias since 3.10
-            last = f"timeout after {timeout}s ({e})"
-        except urllib.error.URLError as e:
-            last = (f"timeout after {timeout}s" if isinstance(e.reason, TimeoutError)
-                    else f"connection error: {e.reason} (is the server running at this URL?)")
-        except (ConnectionError, http.client.HTTPException, OSError) as e:
-            last = f"connection error: {type(e).__name__}: {e}"
-        if attempt < attempts:
-            time.sleep(max(backoff * 2 ** (attempt - 1), retry_after))
-    raise error(f"{where} failed after {attempts} attempts; last error: {last}")
+def key_transport_error(url: str, api_key_env: str | None) -> str | None:
+    """Why a key must not be sent to ``url`` (plain http to a non-loopback host), or None."""
+    if urlsplit(url).scheme == "http" and not is_loopback(url):
+        return (f"refusing to send the API key from ${api_key_env} over plain http:// to {urlsplit(url).hostname}: "
+                "use an https:// URL, or set api_key_env to null if the endpoint needs no key")
+    return None
 
 
-def _snippet(e: urllib.error.HTTPError) -> str:
-    try:
-        return e.read()[:200].decode("utf-8", "replace")
-    except Exception:  # the body is only decoration for the error message
-        return e.reason if isinstance(e.reason, str) else ""
+class JSONClient:
+    """POSTs JSON to one URL (see the module docstring for what it guarantees).
+
+    ``where`` names the endpoint in errors (``"<where> failed ..."``), raised as ``error``;
+    ``count`` gets ``"requests"`` per attempt and ``"retries"`` per repeat."""
+
+    def __init__(self, url: str, *, api_key_env: str | None, timeout: float, max_retries: int, backoff: float,
+                 where: str, error: type[Exception], max_connections: int = 16) -> None:
+        scheme = urlsplit(url).scheme
+        if scheme not in ("http", "https"):
+            raise error(f"{where}: the URL must start with http:// or https://, got {url!r}")
+        self.url, self.api_key_env, self.timeout = url, api_key_env, timeout
+        self.max_retries, self.backoff, self.where, self.error = max_retries, backoff, where, error
+        if api_key_env and os.environ.get(api_key_env) and key_transport_error(url, api_key_env):
+            raise error(f"{where}: {key_transport_error(url, api_key_env)}")  # fail before any request
+        self._client = httpx2.Client(
+            timeout=timeout, follow_redirects=False, trust_env=not is_loopback(url),
+            limits=httpx2.Limits(max_connections=max_connections, max_keepalive_connections=max_connections))
+
+    def close(self) -> None:
+        self._client.close()
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        key = os.environ.get(self.api_key_env) if self.api_key_env else None
+        if key:
+            problem = key_transport_error(self.url, self.api_key_env)
+            if problem:
+                raise self.error(f"{self.where}: {problem}")
+            headers["Authorization"] = f"Bearer {key}"
+        return headers
+
+    def post(self, payload: dict[str, Any], count: Callable[[str], None] = lambda name: None) -> bytes:
+        """The raw body of the first successful (2xx) reply to ``payload``."""
+        body = json.dumps(payload).encode()
+        attempts = self.max_retries + 1
+        last = "no attempt made"
+        for attempt in range(1, attempts + 1):
+            headers = self._headers()
+            count("requests")
+            if attempt > 1:
+                count("retries")
+            retry_after = 0.0
+            try:
+                resp = self._client.post(self.url, content=body, headers=headers)
+            except httpx2.TimeoutException as e:
+                last = f"timeout after {self.timeout}s ({type(e).__name__})"
+            except httpx2.TransportError as e:
+                last = f"connection error: {type(e).__name__}: {e} (is the server running at this URL?)"
+            else:
+                code = resp.status_code
+                if 200 <= code < 300:
+                    return resp.content
+                detail = resp.content[:200].decode("utf-8", "replace")
+                if 300 <= code < 400:
+                    raise self.error(
+                        f"{self.where} failed: HTTP {code} redirect to {resp.headers.get('location', '?')!r} (not "
+                        "followed, so the API key is never sent to another address): set the base URL to the "
+                        "address the server redirects to") from None
+                if code != 429 and code < 500:
+                    raise self.error(f"{self.where} failed with HTTP {code} (not retried, attempt {attempt}): "
+                                     f"{detail}") from None
+                last = f"HTTP {code}: {detail}"
+                retry_after = _retry_after(resp.headers.get("retry-after"))
+            if attempt < attempts:
+                time.sleep(max(self.backoff * 2 ** (attempt - 1), retry_after))
+        raise self.error(f"{self.where} failed after {attempts} attempts; last error: {last}")
 
 
-def _retry_after(e: urllib.error.HTTPError) -> float:
+def _retry_after(value: str | None) -> float:
     # Honour a numeric Retry-After on 429/503, capped so a bad header cannot hang a run.
     try:
-        return min(float((e.headers or {}).get("Retry-After", 0) or 0), 60.0)
+        return min(max(float(value or 0), 0.0), 60.0)
     except (TypeError, ValueError):
         return 0.0

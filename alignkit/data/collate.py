@@ -34,6 +34,24 @@ batch costs about ``R · L · (1 + a · L)`` token-layer units for R rows of len
 longer; with ``shared_prompt=None`` each batch takes the layout with the lower estimate
 (both are exact). Long fixed-length pairs favour separate sequences, short prompts
 with long-tailed completions either.
+
+What each attention kernel and model family needs (:func:`attention_layout`):
+
+* A 4D mask is used *as given* on every layer (transformers' ``_preprocess_mask_arguments``
+  returns it untouched), so the tree mask must itself carry each layer type's pattern:
+  a sliding window (Mistral, Gemma-2/3, Phi-3, Qwen2 with ``use_sliding_window``:
+  ``pos_q - pos_kv < W``) or Llama-4's chunks (``pos_q // C == pos_kv // C``), measured in
+  *position ids*, which is what the padded row's indices are. Models that mix layer types
+  take a ``{layer type: mask}`` mapping (their ``causal_mask_mapping``). A layer type whose
+  pattern is not known here (linear attention, bidirectional models) makes the shared
+  layout inexact, so it is never chosen for that model.
+* Separate sequences with restarting position ids are exact for sdpa, eager and flex:
+  transformers remaps causal, window and chunk masks onto the position ids of packed rows.
+* flash-attention takes no 4D mask, and splits a row into sequences from ``position_ids``
+  only when the batch is a single row. ``varlen=True`` therefore packs every sequence into
+  *one* row and passes ``cu_seq_lens_q/k`` and ``max_length_q/k`` explicitly, so varlen
+  attention never depends on that inference (one row also has no padding at all: varlen
+  attention costs ``Σ L_i²`` however the row is cut).
 """
 
 from __future__ import annotations
@@ -168,19 +186,106 @@ def attention_cost_ratio(config) -> float:
     return 4 * heads * head_dim / linear
 
 
+# Kernels that take a 4D boolean mask (flex gets it as a BlockMask, built by the trainer on its device).
+MASK_KERNELS = ("sdpa", "eager", "flex_attention")
+
+
+@dataclass(frozen=True)
+class AttentionLayout:
+    """How a model's attention can be fed a packed batch (:func:`attention_layout`).
+
+    ``kernel``: ``"mask"`` (sdpa, eager, flex: 4D masks), ``"varlen"`` (flash-attention:
+    one row and explicit ``cu_seq_lens``) or ``"padded"`` (an unknown kernel: only the
+    right-padded layout with a 2D mask is known to be exact). ``layers``: per layer type,
+    ``("full", None)``, ``("sliding", W)`` or ``("chunked", C)``; ``None`` when some layer's
+    pattern is unknown, which rules out the shared-prompt tree mask. ``mapping``: the model
+    mixes layer types and takes one mask per type."""
+
+    kernel: str
+    layers: dict[str, tuple[str, int | None]] | None
+    mapping: bool = False
+
+    @property
+    def can_share_prompt(self) -> bool:
+        return self.kernel == "mask" and self.layers is not None
+
+
+def _layer_pattern(config, layer_type: str | None) -> tuple[str, int | None] | None:
+    if layer_type in (None, "full_attention"):
+        # Models without ``layer_types`` (Mistral, Phi-3) apply ``sliding_window`` to every layer.
+        w = getattr(config, "sliding_window", None) if layer_type is None else None
+        return ("sliding", int(w)) if w else ("full", None)
+    if layer_type == "sliding_attention":
+        w = getattr(config, "sliding_window", None)
+        return ("sliding", int(w)) if w else None
+    if layer_type == "chunked_attention":
+        c = getattr(config, "attention_chunk_size", None)
+        return ("chunked", int(c)) if c else None
+    return None  # linear attention, convolutions, ...: no 4D mask describes them
+
+
+def attention_layout(config) -> AttentionLayout:
+    """What packing is exact for a transformers ``config`` (its ``_attn_implementation``,
+    ``layer_types``, ``sliding_window``, ``attention_chunk_size``); see the module docstring."""
+    attn = getattr(config, "_attn_implementation", None) or "sdpa"
+    if attn in MASK_KERNELS:
+        kernel = "mask"
+    elif "flash" in attn:  # flash_attention_2/3 and the hub's flash kernels: varlen, position ids or cu_seq_lens
+        kernel = "varlen"
+    else:
+        return AttentionLayout("padded", None)
+    if not getattr(config, "is_causal", True) or getattr(config, "use_bidirectional_attention", False):
+        return AttentionLayout(kernel, None)
+    types = getattr(config, "layer_types", None)
+    if not types:
+        pattern = _layer_pattern(config, None)
+        return AttentionLayout(kernel, {"full_attention": pattern})
+    patterns = {t: _layer_pattern(config, t) for t in dict.fromkeys(types)}
+    if any(p is None for p in patterns.values()):
+        return AttentionLayout(kernel, None)
+    return AttentionLayout(kernel, patterns, mapping=len(patterns) > 1)
+
+
 @dataclass
 class PackedPreferenceCollator:
-    """Padding-free rows (see the module docstring). ``shared_prompt``: True (needs an sdpa or
-    eager model: a 4D mask), False, or None = per batch, the cheaper by ``attention_cost``
-    (:func:`attention_cost_ratio` of the model)."""
+    """Padding-free rows (see the module docstring). ``shared_prompt``: True (needs a kernel
+    that takes a 4D mask: sdpa, eager, flex), False, or None = per batch, the cheaper by
+    ``attention_cost`` (:func:`attention_cost_ratio` of the model). ``layers`` / ``mapping``:
+    the model's attention pattern per layer type (:class:`AttentionLayout`), which the tree
+    mask reproduces; the default is full causal attention on every layer. ``varlen``:
+    flash-attention, one row of separate sequences with explicit ``cu_seq_lens``."""
 
     pad_token_id: int
     shared_prompt: bool | None = True
     attention_cost: float = 0.0
+    layers: dict[str, tuple[str, int | None]] | None = None
+    mapping: bool = False
+    varlen: bool = False
+
+    def __post_init__(self) -> None:
+        if self.varlen and self.shared_prompt is not False:
+            raise ValueError("varlen (flash-attention) batches take no 4D mask: use shared_prompt=False")
+
+    @classmethod
+    def for_layout(cls, pad_token_id: int, layout: AttentionLayout, attention_cost: float | None):
+        """The default packing for a model: the cheaper of shared prompt and separate
+        sequences per batch where both are exact, separate sequences otherwise."""
+        if layout.kernel == "varlen":
+            return cls(pad_token_id, shared_prompt=False, varlen=True)
+        if layout.kernel != "mask":
+            raise ValueError(f"no exact packed layout for attention kernel kind {layout.kernel!r}")
+        if not layout.can_share_prompt:
+            return cls(pad_token_id, shared_prompt=False)
+        shared = True if attention_cost is None else None  # an unusual config: share the prompt always
+        return cls(pad_token_id, shared_prompt=shared, attention_cost=attention_cost or 0.0, layers=layout.layers,
+                   mapping=layout.mapping)
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         b = len(examples)
-        if self.shared_prompt is None:
+        if self.varlen:
+            shared, rows = False, [[(i, (side,)) for side in ("chosen", "rejected") for i in range(b)]]
+            cap = sum(len(examples[i]["prompt_ids"]) + len(examples[i][f"{s[0]}_ids"]) for i, s in rows[0])
+        elif self.shared_prompt is None:
             options = [(shared, *_bin_pack(examples, shared)) for shared in (True, False)]
             shared, rows, cap = min(options, key=lambda o: len(o[1]) * o[2] * (1 + self.attention_cost * o[2]))
         else:
@@ -195,11 +300,13 @@ class PackedPreferenceCollator:
         branch = torch.zeros(shape, dtype=torch.long)
         tg = _Targets()
         gid = 0
+        seq_starts: list[int] = []  # varlen: where each sequence starts in the flattened batch
         for r, row in enumerate(rows):
             at = 0
             for i, sides in row:
                 ex = examples[i]
                 p = list(ex["prompt_ids"])
+                seq_starts.append(r * cap + at)
                 input_ids[r, at:at + len(p)] = torch.tensor(p, dtype=torch.long)
                 position_ids[r, at:at + len(p)] = torch.arange(len(p))
                 group[r, at:at + len(p)] = gid
@@ -224,19 +331,44 @@ class PackedPreferenceCollator:
             position_ids[r, at:] = 0
         batch = {"input_ids": input_ids, "position_ids": position_ids}
         if shared:
-            batch["attention_mask"] = tree_attention_mask(group, branch)
+            batch["attention_mask"] = self._tree_masks(group, branch, position_ids)
+        if self.varlen:
+            # flash-attention's varlen kwargs (transformers' FlashAttentionKwargs): int32 offsets of every
+            # sequence in the flattened [1, L] batch, and the longest sequence as a Python int.
+            cu = torch.tensor(seq_starts + [cap], dtype=torch.int32)
+            longest = int((cu[1:] - cu[:-1]).max())
+            batch.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu.clone(), max_length_q=longest, max_length_k=longest)
         batch.update(tg.tensors(shape, 2 * b))
         return _with_reference(batch, examples)
 
+    def _tree_masks(self, group, branch, position_ids):
+        layers = self.layers or {"full_attention": ("full", None)}
+        masks = {t: tree_attention_mask(group, branch, position_ids, *pattern) for t, pattern in layers.items()}
+        return masks if self.mapping else next(iter(masks.values()))
 
-def tree_attention_mask(group: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+
+def tree_attention_mask(group: torch.Tensor, branch: torch.Tensor, position_ids: torch.Tensor | None = None,
+                        kind: str = "full", size: int | None = None) -> torch.Tensor:
     """``[R, 1, L, L]`` bool, True = may attend: causal, within a unit, and never across
     branches (chosen <-> rejected); prompt tokens are visible to both. Padding (group -1)
-    attends only to itself, so no softmax row is empty."""
+    attends only to itself, so no softmax row is empty.
+
+    ``kind`` = ``"sliding"`` keeps keys less than ``size`` positions back
+    (transformers' ``sliding_window_overlay``: ``kv > q - W``), ``"chunked"`` keeps keys in the
+    query's ``size``-token chunk (``chunked_overlay``); both count in ``position_ids``, because a
+    rejected token sits after the chosen branch in the row but right after the prompt in its
+    own sequence."""
     r, n = group.shape
     causal = torch.ones(n, n, dtype=torch.bool).tril()
     same_unit = group[:, :, None] == group[:, None, :]
     branch_ok = (branch[:, None, :] == 0) | (branch[:, :, None] == branch[:, None, :])
+    allowed = same_unit & branch_ok & causal
+    if kind != "full":
+        if position_ids is None or not size:
+            raise ValueError(f"a {kind} tree mask needs position ids and a size")
+        q, k = position_ids[:, :, None], position_ids[:, None, :]
+        allowed &= (k > q - size) if kind == "sliding" else (torch.div(q, size, rounding_mode="floor")
+                                                             == torch.div(k, size, rounding_mode="floor"))
     pad = (group < 0)[:, :, None]
     eye = torch.eye(n, dtype=torch.bool)
-    return torch.where(pad, eye, same_unit & branch_ok & causal).unsqueeze(1)
+    return torch.where(pad, eye, allowed).unsqueeze(1)

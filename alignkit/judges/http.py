@@ -1,11 +1,12 @@
 """Judge backed by an OpenAI-compatible ``/v1/chat/completions`` endpoint.
 
-Standard library only (urllib + a thread pool). The API key is read from an
-environment variable at request time and never logged or put in an error message.
-Transient failures (5xx, 429, timeouts, connection errors) are retried with
-exponential backoff; other 4xx fail at once. Every successful reply is cached as one
-JSON file per request (atomic write), so a run that dies half-way keeps everything it
-already paid for.
+Requests go through :class:`alignkit.core.http.JSONClient` (httpx2) from a bounded thread
+pool. The API key is read from an environment variable at request time and never logged or
+put in an error message; it never follows a redirect, and goes over plain ``http://`` only to
+loopback. Transient failures (5xx, 429, timeouts, connection errors) are retried with
+exponential backoff; other 4xx fail at once. Every successful reply is cached as one JSON
+file per request (atomic write), so a run that dies half-way keeps everything it already
+paid for.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
-from alignkit.core.http import chat_completions_url, opener_for, post_json
+from alignkit.core.http import JSONClient, chat_completions_url
 from alignkit.judges.prompts import PromptJudge
 
 
@@ -76,7 +77,9 @@ class HTTPJudge(PromptJudge):
         }
         self.stats: Counter[str] = Counter()
         self._stats_lock = threading.Lock()
-        self._opener = opener_for(self.url)
+        self._client = JSONClient(self.url, api_key_env=api_key_env, timeout=timeout, max_retries=max_retries,
+                                  backoff=backoff, where=f"POST {self.url}", error=HTTPJudgeError,
+                                  max_connections=concurrency)
 
     # ------------------------------------------------------------------ public
 
@@ -153,10 +156,7 @@ class HTTPJudge(PromptJudge):
         return content
 
     def _post(self, payload: dict[str, Any]) -> str:
-        raw = post_json(self._opener, self.url, payload, api_key_env=self.api_key_env, timeout=self.timeout,
-                        max_retries=self.max_retries, backoff=self.backoff, count=self._count,
-                        where=f"POST {self.url}", error=HTTPJudgeError)
-        return self._parse(raw)
+        return self._parse(self._client.post(payload, self._count))
 
     def _parse(self, raw: bytes) -> str:
         try:

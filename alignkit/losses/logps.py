@@ -80,14 +80,109 @@ def target_logps(logits: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor, ch
 
     ``logits`` ``[K, V]`` holds only the positions that predict a completion token (the
     model's ``logits_to_keep``); several targets may share a row (a shared prompt's last
-    token predicts both completions' first tokens). The float32 log-normaliser is taken
-    ``chunk_size`` rows at a time, so a bf16 model never holds ``[K, V]`` float32 logits
-    at once; each row's normaliser is computed once however many targets read it.
-    """
-    lse = torch.cat([torch.logsumexp(logits[i:i + chunk_size].float(), dim=-1)
-                     for i in range(0, logits.size(0), chunk_size)]) if logits.size(0) else logits.new_zeros(0)
-    picked = logits[rows, ids].float()
-    return picked - lse[rows]
+    token predicts both completions' first tokens). Forward and backward both work
+    ``chunk_size`` rows at a time (:class:`_TargetLogps`): the float32 normaliser and
+    softmax of a chunk exist only while that chunk is processed, so neither pass holds a
+    float32 ``[K, V]`` tensor for a bf16 model (under plain autograd, ``logsumexp`` would
+    keep every chunk's float32 copy for its backward). The gradient is the one ``[K, V]``
+    tensor in the logits' dtype that any backward through the logits must produce."""
+    return _TargetLogps.apply(logits, rows, ids, max(int(chunk_size), 1))
+
+
+class _TargetLogps(torch.autograd.Function):
+    # d log p(y_n | row k) / d z_k = onehot(y_n) - softmax(z_k); rows shared by targets sum their terms.
+
+    @staticmethod
+    def forward(ctx, logits, rows, ids, chunk):
+        k = logits.size(0)
+        lse = torch.empty(k, dtype=torch.float32, device=logits.device)
+        for i in range(0, k, chunk):
+            lse[i:i + chunk] = torch.logsumexp(logits[i:i + chunk].float(), dim=-1)
+        ctx.save_for_backward(logits, rows, ids, lse)
+        ctx.chunk = chunk
+        return logits[rows, ids].float() - lse[rows]
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, rows, ids, lse = ctx.saved_tensors
+        grad = grad.float()
+        out = torch.empty_like(logits)
+        row_total = torch.zeros(logits.size(0), dtype=torch.float32, device=grad.device).index_add_(0, rows, grad)
+        for i in range(0, logits.size(0), ctx.chunk):
+            d = torch.exp(logits[i:i + ctx.chunk].float() - lse[i:i + ctx.chunk, None])
+            d.mul_(-row_total[i:i + ctx.chunk, None])
+            _add_targets(d, rows, ids, grad, i)
+            out[i:i + ctx.chunk] = d
+        return out, None, None, None
+
+
+def _add_targets(d: torch.Tensor, rows, ids, grad, start: int) -> None:
+    """``d[rows - start, ids] += grad`` for the targets whose row lies in this chunk."""
+    sel = (rows >= start) & (rows < start + d.size(0))
+    if sel.any():
+        d.index_put_((rows[sel] - start, ids[sel]), grad[sel], accumulate=True)
+
+
+def fused_target_logps(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: torch.Tensor,
+                       ids: torch.Tensor, chunk_size: int = 1024, softcap: float | None = None) -> torch.Tensor:
+    """:func:`target_logps` of the logits ``softcap(hidden @ weight.T + bias)`` without ever
+    forming them: ``hidden`` ``[K, H]`` (the kept positions' final hidden states),
+    ``weight`` ``[V, H]`` (the LM head). Each ``chunk_size``-row block of logits is
+    projected, normalised and dropped in the forward, and projected again in the backward
+    (:class:`_FusedTargetLogps`), so no ``[K, V]`` tensor of any dtype exists; the peak is
+    one block. ``softcap``: Gemma-2's ``final_logit_softcapping``,
+    ``z = c · tanh(u / c)``."""
+    return _FusedTargetLogps.apply(hidden, weight, bias, rows, ids, max(int(chunk_size), 1), softcap)
+
+
+class _FusedTargetLogps(torch.autograd.Function):
+
+    @staticmethod
+    def _logits(h, weight, bias, softcap):
+        u = torch.nn.functional.linear(h, weight, bias).float()
+        return torch.tanh(u / softcap) * softcap if softcap else u
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, rows, ids, chunk, softcap):
+        k = hidden.size(0)
+        lse = torch.empty(k, dtype=torch.float32, device=hidden.device)
+        picked = torch.empty(rows.numel(), dtype=torch.float32, device=hidden.device)
+        for i in range(0, k, chunk):
+            z = _FusedTargetLogps._logits(hidden[i:i + chunk], weight, bias, softcap)
+            lse[i:i + chunk] = torch.logsumexp(z, dim=-1)
+            sel = ((rows >= i) & (rows < i + z.size(0))).nonzero().squeeze(-1)
+            picked[sel] = z[rows[sel] - i, ids[sel]]
+        ctx.save_for_backward(hidden, weight, bias, rows, ids, lse)
+        ctx.chunk, ctx.softcap = chunk, softcap
+        return picked - lse[rows]
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight, bias, rows, ids, lse = ctx.saved_tensors
+        chunk, softcap = ctx.chunk, ctx.softcap
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad = grad.float()
+        row_total = torch.zeros(hidden.size(0), dtype=torch.float32, device=grad.device).index_add_(0, rows, grad)
+        gh = torch.empty_like(hidden) if need_h else None
+        # Summed over chunks in float32 (one rounding to the weight's dtype at the end).
+        gw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        gb = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        for i in range(0, hidden.size(0), chunk):
+            h = hidden[i:i + chunk]
+            z = _FusedTargetLogps._logits(h, weight, bias, softcap)
+            d = torch.exp(z - lse[i:i + chunk, None]).mul_(-row_total[i:i + chunk, None])
+            _add_targets(d, rows, ids, grad, i)
+            if softcap:  # dz/du = 1 - tanh² = 1 - (z / c)²
+                d.mul_(1 - (z / softcap) ** 2)
+            del z
+            if need_h:
+                gh[i:i + chunk] = (d.to(weight.dtype) @ weight).to(hidden.dtype)
+            if need_w:
+                gw.addmm_(d.t(), h.float())
+            if need_b:
+                gb.add_(d.sum(0))
+        return (gh, gw.to(weight.dtype) if need_w else None, gb.to(bias.dtype) if need_b else None,
+                None, None, None, None)
 
 
 def sequence_sums(values: torch.Tensor, seq: torch.Tensor, num_seqs: int) -> torch.Tensor:

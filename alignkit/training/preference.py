@@ -60,23 +60,100 @@ def accumulate_pair_stats(acc: dict[str, tuple[float, int]], stats: dict[str, to
 
 
 def preference_collator(pad_token_id: int, packed: bool, model_config=None):
-    """The default batch layout: packed rows; where the attention kernel takes a 4D mask (sdpa,
-    eager), each batch shares the prompt or not, whichever the FLOP estimate says is cheaper;
-    flash-attention (``position_ids`` only) gets separate sequences; right padding when
-    ``packed`` is off."""
+    """The default batch layout for a model (:func:`alignkit.data.collate.attention_layout`):
+    packed rows; where the attention kernel takes a 4D mask (sdpa, eager, flex) and the tree
+    mask can reproduce every layer's pattern (full, sliding window, chunked), each batch shares
+    the prompt or not, whichever the FLOP estimate says is cheaper, else separate sequences;
+    flash-attention gets one row with explicit ``cu_seq_lens``; an unknown kernel, or
+    ``packed`` off, gets right-padded rows."""
     from alignkit.data import PackedPreferenceCollator, PreferenceCollator
-    from alignkit.data.collate import attention_cost_ratio
+    from alignkit.data.collate import attention_cost_ratio, attention_layout
 
-    if not packed:
+    layout = attention_layout(model_config)
+    if not packed or layout.kernel == "padded":
+        if packed:
+            log.warning("attention kernel %r: no packed layout is known to be exact for it; using padded rows",
+                        getattr(model_config, "_attn_implementation", None))
         return PreferenceCollator(pad_token_id)
-    attn = getattr(model_config, "_attn_implementation", None) or "sdpa"
-    if attn not in ("sdpa", "eager"):
-        return PackedPreferenceCollator(pad_token_id, shared_prompt=False)
     try:
         cost = attention_cost_ratio(model_config)
     except (AttributeError, TypeError, ZeroDivisionError):  # an unusual config: share the prompt always
-        return PackedPreferenceCollator(pad_token_id, shared_prompt=True)
-    return PackedPreferenceCollator(pad_token_id, shared_prompt=None, attention_cost=cost)
+        cost = None
+    return PackedPreferenceCollator.for_layout(pad_token_id, layout, cost)
+
+
+# Families whose ``ForCausalLM.forward`` is ``lm_head(hidden[logits_to_keep])`` followed at most by
+# ``final_logit_softcapping``: the LM head can be fused with the log-softmax (tests/test_families.py
+# checks each against the model's own logits). Others keep the logits path.
+FUSED_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3"})
+
+
+class _FusedHeadForward:
+    """While active, the LM head's forward is the fused projection + log-softmax of the targets
+    (:func:`alignkit.losses.logps.fused_target_logps`): the model returns per-target log-probs
+    ``[N]`` as its "logits", and applies no soft-capping of its own (the fused function does).
+    It runs *inside* the model's forward, where DDP, ZeRO and FSDP expect their parameters used."""
+
+    def __init__(self, head, config, rows, ids, chunk_size: int):
+        self.head, self.config, self.rows, self.ids, self.chunk = head, config, rows, ids, chunk_size
+
+    def __enter__(self):
+        from alignkit.losses.logps import fused_target_logps
+
+        softcap = getattr(self.config, "final_logit_softcapping", None)
+        self.softcap = softcap
+        if softcap is not None:
+            self.config.final_logit_softcapping = None
+        head = self.head
+
+        def forward(hidden):
+            hidden = hidden.reshape(-1, hidden.size(-1))
+            return fused_target_logps(hidden, head.weight, head.bias, self.rows, self.ids, self.chunk, softcap)
+
+        self.own_forward = vars(head).get("forward")
+        head.forward = forward
+        return self
+
+    def __exit__(self, *exc):
+        if self.own_forward is None:
+            del self.head.forward
+        else:
+            self.head.forward = self.own_forward
+        if self.softcap is not None:
+            self.config.final_logit_softcapping = self.softcap
+        return False
+
+
+def _to_device(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _mask_for_kernel(mask, attn: str | None, dtype: torch.dtype):
+    """A collator's boolean 4D mask (or ``{layer type: mask}``) in the form the kernel reads it:
+    sdpa takes booleans; eager adds the mask to the scores (0 / -inf); flex takes a ``BlockMask``
+    (a tensor there would be added to the scores as a ``score_mod``)."""
+    if isinstance(mask, dict):
+        return {k: _mask_for_kernel(v, attn, dtype) for k, v in mask.items()}
+    if mask.dim() != 4 or mask.dtype != torch.bool:
+        return mask
+    if attn == "eager":
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    if attn == "flex_attention":
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def mask_mod(b, h, q, kv):
+            return mask[b, 0, q, kv]
+
+        r, _, n, _ = mask.shape
+        return create_block_mask(mask_mod, r, None, n, n, device=mask.device)
+    return mask
+
+
+VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
 class PreferenceTrainer(Trainer):
@@ -102,10 +179,10 @@ class PreferenceTrainer(Trainer):
 
     def __init__(self, *args, ref_model=None, beta: float = 0.1, loss_type: str = "sigmoid",
                  label_smoothing: float = 0.0, precompute_ref: bool = False, ref_cache=None,
-                 logps_chunk_size: int = 1024, **kwargs):
+                 logps_chunk_size: int = 1024, fused_lm_head: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
         self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
-        self.logps_chunk_size = logps_chunk_size
+        self.logps_chunk_size, self.fused_lm_head = logps_chunk_size, fused_lm_head
         # Our loss is a per-pair mean; let Trainer divide by GA steps (trl#2615).
         self.model_accepts_loss_kwargs = False
         self.ref_model = ref_model
@@ -129,35 +206,66 @@ class PreferenceTrainer(Trainer):
     def _accepts_logits_to_keep(self, model) -> bool:
         import inspect
 
-        base = self.accelerator.unwrap_model(model)
-        base = base.get_base_model() if hasattr(base, "get_base_model") else base
-        t = type(base)
+        t = type(self._base_model(model))
         if t not in self._keeps_logits:
             self._keeps_logits[t] = "logits_to_keep" in inspect.signature(t.forward).parameters
         return self._keeps_logits[t]
 
-    def sequence_logps(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
-        """Weighted and unweighted completion log-prob sums, ``[2B]`` each (chosen then rejected)."""
-        from alignkit.losses import sequence_sums, target_logps
+    def _base_model(self, model):
+        base = self.accelerator.unwrap_model(model)
+        return base.get_base_model() if hasattr(base, "get_base_model") else base
 
+    def _fused_head(self, model):
+        """``(lm_head, text config)`` when the LM head can be fused with the log-softmax
+        (:func:`alignkit.losses.logps.fused_target_logps`): a known family, a plain full
+        ``nn.Linear`` head (not LoRA-wrapped, not partitioned by ZeRO-3, not an FSDP shard)."""
+        if not self.fused_lm_head or self.is_fsdp_enabled or not self._accepts_logits_to_keep(model):
+            return None
+        base = self._base_model(model)
+        config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+        if getattr(config, "model_type", None) not in FUSED_HEAD_MODEL_TYPES:
+            return None
+        head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+        if (type(head) is not torch.nn.Linear or hasattr(head, "_hf_hook") or hasattr(head.weight, "ds_id")
+                or type(head.weight).__name__ == "DTensor" or head.weight.device.type == "meta"):
+            return None
+        return head, config
+
+    def model_inputs(self, model, inputs) -> dict:
+        """The forward's keyword arguments for a collated batch, in the attention kernel's terms."""
         kw = {"input_ids": inputs["input_ids"], "use_cache": False}
         if "position_ids" in inputs:
             kw["position_ids"] = inputs["position_ids"]
         mask = inputs.get("attention_mask")
         if mask is not None:
-            if mask.dim() == 4 and mask.dtype == torch.bool and _attn_impl(model) == "eager":
-                # eager attention adds the mask to the scores: turn "may attend" into 0 / -inf.
-                dtype = next(self.accelerator.unwrap_model(model).parameters()).dtype
-                mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
-            kw["attention_mask"] = mask
+            dtype = next(self.accelerator.unwrap_model(model).parameters()).dtype
+            kw["attention_mask"] = _mask_for_kernel(mask, _attn_impl(model), dtype)
+        for k in VARLEN_KEYS:  # flash-attention: the sequences of the one packed row, given explicitly
+            if k in inputs:
+                kw[k] = inputs[k]
+        return kw
+
+    def sequence_logps(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weighted and unweighted completion log-prob sums, ``[2B]`` each (chosen then rejected)."""
+        from alignkit.losses import sequence_sums, target_logps
+
+        kw = self.model_inputs(model, inputs)
         keep = inputs["keep"]
-        if self._accepts_logits_to_keep(model):
-            kw["logits_to_keep"] = keep  # the LM head runs on completion-predicting positions only
-            logits = model(**kw).logits
-            logits = logits.reshape(-1, logits.size(-1))
+        fused = self._fused_head(model)
+        if fused is not None:
+            # The LM head on completion-predicting positions only, fused with the log-softmax:
+            # neither pass holds [K, V] logits (the model's "logits" are the targets' log-probs).
+            head, config = fused
+            with _FusedHeadForward(head, config, inputs["tgt_flat"], inputs["tgt_ids"], self.logps_chunk_size):
+                lp = model(**kw, logits_to_keep=keep).logits.reshape(-1)
         else:
-            logits = model(**kw).logits[keep]
-        lp = target_logps(logits, inputs["tgt_flat"], inputs["tgt_ids"], self.logps_chunk_size)
+            if self._accepts_logits_to_keep(model):
+                kw["logits_to_keep"] = keep  # the LM head runs on completion-predicting positions only
+                logits = model(**kw).logits
+                logits = logits.reshape(-1, logits.size(-1))
+            else:
+                logits = model(**kw).logits[keep]
+            lp = target_logps(logits, inputs["tgt_flat"], inputs["tgt_ids"], self.logps_chunk_size)
         n = inputs["seq_tokens"].numel()
         return (sequence_sums(lp * inputs["tgt_w"].to(lp), inputs["tgt_seq"], n),
                 sequence_sums(lp, inputs["tgt_seq"], n))
@@ -265,7 +373,7 @@ class PreferenceTrainer(Trainer):
                                    "model was loaded already partitioned by deepspeed.zero.Init (a ZeRO-3 config "
                                    "was active when it loaded); load it before creating TrainingArguments")
             key = self.ref_cache.key(ds) if self.ref_cache is not None else None
-            table = self.ref_cache.load(key, len(ds)) if key else None
+            table = self._cached_table(key, len(ds))
             self.timings[f"ref_logps_{split}_cache"] = "hit" if table is not None else ("miss" if key else "off")
             if table is None:
                 table = self._reference_pass(ds)
@@ -276,28 +384,72 @@ class PreferenceTrainer(Trainer):
             self.ref_model = None  # the table replaces it: free its memory for training
         self.timings["ref_logps_s"] = round(self.timings.get("ref_logps_s", 0.0) + time.perf_counter() - t0, 3)
 
+    def _cached_table(self, key: str | None, n: int) -> torch.Tensor | None:
+        """The cached table, as the main process finds it, on every rank. With a node-local
+        cache two nodes can disagree (one hits, one misses); a rank that decided on its own
+        would then wait forever in the other ranks' reference pass. So rank 0 reads the cache
+        and broadcasts the table (or ``None``: every rank runs the pass)."""
+        import torch.distributed as dist
+
+        if key is None:
+            return None
+        table = self.ref_cache.load(key, n) if self.is_world_process_zero() else None
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            box = [table]
+            dist.broadcast_object_list(box, src=0)
+            table = box[0]
+        return table
+
+    def _pass_device(self, model) -> torch.device:
+        """Where the reference pass runs: where the model's weights are. Under DeepSpeed and
+        FSDP the Trainer leaves the model on the CPU until ``train()`` shards it, while
+        ``args.device`` is the rank's GPU; then the full model is moved to that GPU for the
+        pass (and back afterwards) — scoring on the CPU would take hours for a real model."""
+        here = next(model.parameters()).device
+        target = self.args.device
+        if here.type == "cpu" and target.type == "cuda":
+            try:
+                model.to(target)
+            except torch.OutOfMemoryError:
+                model.to(here)
+                torch.cuda.empty_cache()
+                raise RuntimeError(
+                    f"the reference pass needs the full model on one GPU before training shards it, and it does not "
+                    f"fit on {target}; set method.precompute_ref_logps: false (the reference is then computed live, "
+                    "sharded like the policy)") from None
+            return target
+        return here
+
     @torch.no_grad()
     def _reference_pass(self, dataset) -> torch.Tensor:
         import torch.distributed as dist
 
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         rank = dist.get_rank() if world > 1 else 0
-        model, bs, dev = self.model, self.args.per_device_eval_batch_size, self.args.device
+        model, bs = self.model, self.args.per_device_eval_batch_size
+        home = next(model.parameters()).device
+        dev = self._pass_device(model)
         was_training = model.training
         model.eval()
         mine = list(range(rank, len(dataset), world))
         out: list[tuple[int, float, float]] = []
-        for i in range(0, len(mine), bs):
-            rows = [dataset[j] for j in mine[i:i + bs]]
-            batch = {k: v.to(dev) for k, v in self.data_collator(rows).items()}
-            sums = self.live_reference_logps(model, batch).float().cpu()
-            b = len(rows)
-            out += [(int(j), float(c), float(r)) for j, c, r in zip(batch["pair_index"].tolist(), sums[:b], sums[b:])]
+        try:
+            for i in range(0, len(mine), bs):
+                rows = [dataset[j] for j in mine[i:i + bs]]
+                batch = _to_device(self.data_collator(rows), dev)
+                sums = self.live_reference_logps(model, batch).float().cpu()
+                b = len(rows)
+                out += [(int(j), float(c), float(r))
+                        for j, c, r in zip(batch["pair_index"].tolist(), sums[:b], sums[b:])]
+        finally:
+            model.train(was_training)
+            if dev != home:  # hand the model back where the launcher expects it
+                model.to(home)
+                torch.cuda.empty_cache()
         if world > 1:
             parts: list = [None] * world
             dist.all_gather_object(parts, out)
             out = [x for part in parts for x in part]
-        model.train(was_training)
         table = torch.full((len(dataset), 2), float("nan"))
         for j, c, r in out:
             table[j, 0], table[j, 1] = c, r
@@ -354,7 +506,7 @@ def train_preference(cfg: RunConfig, method, rows: list[dict], eval_rows: list[d
     collator = preference_collator(tok.pad_token_id, d.padding_free is not False, _model_config(model))
     args = training_arguments(cfg, run_dir, remove_unused_columns=False)
     resume_step = checkpoint_step(resume)
-    cache = (ReferenceCache(reference_cache_root(), reference_model_key(cfg.model))
+    cache = (ReferenceCache(reference_cache_root(), reference_model_key(cfg.model, model))
              if method.precompute_ref_logps and method.ref_logps_cache else None)
 
     def dataset(toks):

@@ -67,6 +67,13 @@ class Server:
         self.httpd.server_close()
 
 
+@pytest.fixture(autouse=True)
+def _own_reply_cache(tmp_path, monkeypatch):
+    """HTTP targets cache replies under $ALIGNKIT_CACHE: each test gets its own, so a reply cached
+    by an earlier run (same prompt, a recycled port) never stands in for a request a test counts."""
+    monkeypatch.setenv("ALIGNKIT_CACHE", str(tmp_path / "cache"))
+
+
 @pytest.fixture
 def server(request):
     s = Server(getattr(request, "param", "ok"))
@@ -126,8 +133,17 @@ def test_attack_pipeline_over_http_never_writes_the_key(server, tmp_path, monkey
 
     monkeypatch.setenv("TARGET_KEY", SECRET)
     caplog.set_level(logging.DEBUG)
-    cfg = load_attack_config(_attack_cfg(tmp_path, server.url))
-    out = run_attack(cfg)
+    # Against a non-world target, PAP's paraphraser and PAIR's attacker are LLMs: here another stub
+    # endpoint (so the target's request count below is the target's own).
+    helper = Server("ok")
+    llm = {"backend": "http", "kwargs": {"base_url": helper.url, "model": "helper", "api_key_env": None}}
+    raw = _attack_cfg(tmp_path, server.url)
+    raw["techniques"][1]["paraphraser"] = llm
+    raw["techniques"][3]["attacker"] = llm
+    try:
+        out = run_attack(load_attack_config(raw))
+    finally:
+        helper.close()
     recs = [json.loads(x) for x in (out / "attacks_stub.jsonl").read_text().splitlines()]
     assert len(recs) == 8 and {r["technique"] for r in recs} == {"plain", "pap_misrepresentation",
                                                                 "flipattack_fcw", "pair"}
