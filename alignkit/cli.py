@@ -32,9 +32,8 @@ def _setup_logging() -> None:
 
 
 def _close_process_group() -> None:
-    """Tear the process group down before the interpreter exits. Left to exit, a gloo group's
-    threads are destroyed while joinable, which aborts a rank ("terminate called without an
-    active exception", SIGABRT) after the run has completed, and the launcher reports failure."""
+    """Tear a single process's process group down before the interpreter exits (see
+    :func:`_exit_launched_rank` for ranks of a multi-process launch)."""
     if "torch" not in sys.modules:
         return
     import torch.distributed as dist
@@ -43,19 +42,58 @@ def _close_process_group() -> None:
         dist.destroy_process_group()
 
 
+def _exit_launched_rank(code: int) -> None:
+    """End a rank of a multi-process launch (``WORLD_SIZE`` > 1) whose run has completed with
+    ``os._exit``, after flushing what Python holds. Left to the interpreter's normal exit, the
+    C++ destructors of gloo's and DeepSpeed's communication threads run while those threads are
+    joinable and abort the rank ("terminate called without an active exception", SIGABRT) after
+    the run has completed, and the launcher reports the whole run failed. Tearing the group
+    down first was not enough: under ZeRO-3 the other ranks leave while rank 0 still evaluates,
+    and one aborted in CI. Every output is already written (atomically) when this runs."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        _close_process_group()
+        return
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
+# What each eval task asks its judge, beyond refusals (alignkit.evaluation.tasks).
+_TASK_NEEDS = {"factuality": ("label_sentences",), "qa": ("is_correct",), "safety": ("is_harmful",)}
+
+
+def check_eval_judge(cfg) -> None:
+    """``eval.judge`` checked as a judge spec before any model loads (a typo such as
+    ``{backend: hf, model: ...}`` used to pass validation and fail after training)."""
+    from alignkit.config import ConfigError
+    from alignkit.judges.specs import judge_spec_problems
+
+    if not (cfg.eval.enabled and cfg.eval.datasets):
+        return
+    sets = [v for k, v in cfg.eval.datasets.items() if cfg.eval.run is None or k in cfg.eval.run]
+    needs = tuple(sorted({n for v in sets for n in _TASK_NEEDS.get(v.task, ())}))
+    spec = {"backend": "kb", **cfg.eval.judge}
+    problems = judge_spec_problems(spec, "eval.judge", cfg.model.name_or_path, needs)
+    if problems:
+        raise ConfigError("\n".join(problems))
+
+
 def cmd_train(args) -> int:
     from alignkit.recipes import get_recipe, load_config
 
     cfg = load_config(args.config, args.overrides)
-    try:
-        run_dir = get_recipe(cfg.recipe).train(cfg)
-    finally:
-        _close_process_group()
+    check_eval_judge(cfg)
+    run_dir = get_recipe(cfg.recipe).train(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"run complete: {run_dir}")
         m = Path(run_dir) / "metrics.json"
         if m.exists():
             print(m.read_text())
+    _exit_launched_rank(0)
     return 0
 
 
@@ -87,6 +125,10 @@ def cmd_validate(args) -> int:
                 print(f"ok: {path} (attack)")
                 continue
             cfg = load_config(path, args.set or [])
+            try:
+                check_eval_judge(cfg)
+            except ConfigError as e:
+                raise ConfigError("\n".join(f"{path}: {line}" for line in str(e).splitlines())) from None
             print(f"ok: {path} (recipe {cfg.recipe})")
         except ConfigError as e:
             bad += 1
@@ -176,7 +218,8 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None) -> dic
     else:
         cfg = load_config(run_dir, overrides)
         model_path, out_dir = cfg.model.name_or_path, Path(cfg.output_dir) / "base_eval"
-        out_dir.mkdir(parents=True, exist_ok=True)
+    check_eval_judge(cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
     expand_config(cfg)
     model, tok = load_for_inference(model_path, cfg.model.dtype)
     judge = build_eval_judge(cfg.eval.judge, cfg.model.name_or_path)
@@ -218,12 +261,34 @@ def cmd_launch(args) -> int:
         print(f"unknown accelerate config {args.accelerate_config!r}; shipped: {names}", file=sys.stderr)
         return 2
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(cfg)]
+    ds_file = _deepspeed_config_file(cfg)
+    if ds_file is not None:
+        cmd += ["--deepspeed_config_file", ds_file]
     if args.num_processes:
         cmd += ["--num_processes", str(args.num_processes)]
     cmd += ["-m", "alignkit", "train", args.config, *args.overrides]
     print("exec:", " ".join(cmd), flush=True)
     os.execv(sys.executable, cmd)
     return 0  # unreachable
+
+
+def _deepspeed_config_file(accelerate_config: Path) -> str | None:
+    """The DeepSpeed JSON a shipped accelerate config names, as an absolute path. Those configs
+    name it relative to the repository root (``configs/deepspeed/zero3.json``), which accelerate
+    resolves against the working directory: launched from anywhere else (a project folder
+    with its own data/), every rank failed with "Expected a string path to an existing
+    deepspeed config". An explicit ``--deepspeed_config_file`` overrides the config's entry."""
+    import yaml
+
+    try:
+        conf = yaml.safe_load(accelerate_config.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return None  # accelerate reports an unreadable config itself
+    name = (conf.get("deepspeed_config") or {}).get("deepspeed_config_file")
+    if not isinstance(name, str) or Path(name).is_absolute() or Path(name).exists():
+        return None
+    shipped = CONFIGS_DIR.parent / name
+    return str(shipped) if shipped.is_file() else None
 
 
 def cmd_serve(args) -> int:

@@ -204,7 +204,10 @@ def _raw(tmp_path, model_dir, **generation):
     raw = toy_config("mask_dpo", model_dir, prompts, tmp_path / "r")
     raw["method"] = {"input": "prompts", "gen_num_samples": 3, "gen_max_new_tokens": 8, "gen_batch_size": 2,
                      "stage_dir": str(tmp_path / "st"), "pair_selector": "random",
-                     "truncated_responses": "no_end_of_turn"}
+                     "truncated_responses": "no_end_of_turn",
+                     # a random model is not a world: model, so the tiny world's kb judge is refused at
+                     # validation; the test that samples replaces the judge anyway
+                     "judge": {"backend": "http", "base_url": "http://127.0.0.1:9/v1", "model": "annotator"}}
     if generation:
         raw["generation"] = generation
     return raw

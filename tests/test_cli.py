@@ -147,3 +147,35 @@ def test_training_argument_names_from_source_match_the_import():
 
     assert training_argument_names() == {f.name for f in dataclasses.fields(TrainingArguments)}
     assert set(scheduler_names()) == {x.value for x in SchedulerType}
+
+
+def test_launch_finds_the_shipped_deepspeed_config_from_any_folder(tmp_path, monkeypatch):
+    """The shipped accelerate configs name their DeepSpeed JSON relative to the repository root;
+    `alignkit launch --accelerate-config zero3` from a project folder failed on every rank with
+    "Expected a string path to an existing deepspeed config"."""
+    import os
+
+    import alignkit.cli as cli
+
+    seen = {}
+    monkeypatch.setattr(os, "execv", lambda exe, cmd: seen.setdefault("cmd", cmd))
+    monkeypatch.chdir(tmp_path)
+    assert main(["launch", "--accelerate-config", "zero3", "--num-processes", "2", "x.yaml", "seed=1"]) == 0
+    cmd = seen["cmd"]
+    ds = cmd[cmd.index("--deepspeed_config_file") + 1]
+    assert Path(ds).is_absolute() and Path(ds) == cli.CONFIGS_DIR / "deepspeed" / "zero3.json"
+    assert cmd[-5:] == ["-m", "alignkit", "train", "x.yaml", "seed=1"]
+    seen.clear()
+    main(["launch", "--accelerate-config", "ddp", "x.yaml"])  # no DeepSpeed: nothing added
+    assert "--deepspeed_config_file" not in seen["cmd"]
+
+
+def test_validate_checks_the_eval_judge_spec(tmp_path, capsys, tiny_random_model_dir, toy_data):
+    cfg = toy_config("sft", tiny_random_model_dir, toy_data["sft"], tmp_path / "r")
+    cfg["eval"] = {"judge": {"backend": "hf", "model": str(tiny_random_model_dir)},
+                   "datasets": {"t": {"task": "qa", "path": str(toy_data["sft"])}}}
+    rc = main(["validate", str(_write(tmp_path, cfg))])
+    err = capsys.readouterr().err
+    assert rc == 1 and "field 'eval.judge': judge backend 'hf' takes no ['model']; the model is name_or_path" in err
+    cfg["eval"]["judge"] = {"backend": "hf", "name_or_path": str(tiny_random_model_dir)}
+    assert main(["validate", str(_write(tmp_path, cfg))]) == 0

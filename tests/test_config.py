@@ -226,6 +226,7 @@ def test_overrides_nested_and_typed():
         "method.loss_type=hinge",
         "eval.datasets.kb.task=qa",
         "eval.datasets.kb.path=kb.jsonl",
+        "eval.judge={backend: rules}",  # not the tiny world's kb: the model is not a world model
         "seed=3",
     ])
     assert c.train.learning_rate == 2.5e-5 and c.train.max_steps == 7 and c.train.bf16 is True
@@ -285,3 +286,49 @@ def test_unknown_scheduler_name_fails_at_validation():
 
     with pytest.raises(ConfigError, match="lr_scheduler_type.*did you mean 'cosine"):
         load_config(BASE, ["train.lr_scheduler_type=cosin"])
+
+
+# ----------------------------------------------------------------------------- world-only defaults
+
+
+REAL = "smollm2:135m-instruct"
+
+
+def test_world_data_paths_and_kb_judge_are_errors_for_a_real_model():
+    # ${world} and the kb eval judge used to fall back to the seed-0 tiny world without a word
+    err = config_error("recipes/sft.yaml", [f"model.name_or_path={REAL}"])
+    assert "field 'data.train.path': ${world} is the tiny world's folder" in err
+    assert "field 'eval.datasets.qa_test.path': ${world}" in err
+    assert "field 'eval.judge': backend 'kb' is the tiny world's knowledge base" in err
+    # the default judge (no eval.judge written) is named as such
+    err = config_error(cfg(model={"name_or_path": "/models/llama"},
+                           eval={"datasets": {"t": {"task": "qa", "path": "qa.jsonl"}}}))
+    assert "field 'eval.judge': the default judge 'kb'" in err and "{backend: rules}" in err
+
+
+def test_kb_judge_is_fine_where_it_cannot_mislead():
+    # a world model; an explicit world_dir; no evaluation
+    load_config(cfg(eval={"datasets": {"t": {"task": "qa", "path": "qa.jsonl"}}}))
+    load_config(cfg(model={"name_or_path": REAL}, eval={"judge": {"backend": "kb", "world_dir": "/w"},
+                                                        "datasets": {"t": {"task": "qa", "path": "qa.jsonl"}}}))
+    load_config(cfg(model={"name_or_path": REAL}, eval={"enabled": False,
+                                                        "datasets": {"t": {"task": "qa", "path": "q.jsonl"}}}))
+
+
+def test_rules_eval_judge_without_keywords_cannot_run_a_safety_set():
+    raw = cfg(eval={"judge": {"backend": "rules"}, "datasets": {"h": {"task": "safety", "path": "s.jsonl"},
+                                                                "q": {"task": "qa", "path": "q.jsonl"}}})
+    err = config_error(raw)
+    assert "field 'eval.judge': the rules judge detects harmful compliance only with harmful_keywords" in err
+    assert "eval.datasets: h)" in err
+    raw["eval"]["judge"]["harmful_keywords"] = ["step 1"]
+    load_config(raw)
+    raw["eval"]["judge"] = {"backend": "rules"}
+    raw["eval"]["run"] = ["q"]  # the safety set is defined but not evaluated
+    load_config(raw)
+
+
+def test_real_model_names_are_checked():
+    assert load_config(cfg(model={"name_or_path": REAL}, eval={"enabled": False})).model.name_or_path == REAL
+    err = config_error(cfg(model={"name_or_path": "smollm2:1.7b"}))
+    assert "field 'model.name_or_path'" in err and "available: smollm2:135m-instruct" in err

@@ -25,6 +25,7 @@ from pydantic import (
 )
 
 from alignkit.config.base import ConfigError, Strict, _format_errors, _suggest, read_raw_config
+from alignkit.config.paths import WORLD_VAR
 from alignkit.config.tasks import TASK_OPTIONS
 
 
@@ -45,8 +46,27 @@ class QuantizationConfig(Strict):
                           "for inference on the layers it can take; never used while training")
 
 
+# Model names alignkit resolves itself (alignkit.models.resolvers), not a folder or hub id:
+# the tiny-world testbed, and real pretrained models that install from PyPI (scheme -> variants).
+REAL_MODELS: dict[str, tuple[str, ...]] = {"smollm2": ("135m-instruct",)}
+_SCHEMES = ("world", *REAL_MODELS)
+
+
+def model_scheme(name_or_path: str) -> str | None:
+    """``world`` / ``smollm2`` for a name alignkit resolves itself, else None (a folder, a hub id)."""
+    scheme, sep, _ = str(name_or_path).partition(":")
+    return scheme if sep and scheme in _SCHEMES else None
+
+
+def is_world_model(name_or_path: str) -> bool:
+    """Whether a model is the tiny-world testbed's (``world:...``): only those have the world's
+    knowledge base, datasets (``${world}``) and template stand-ins."""
+    return model_scheme(name_or_path) == "world"
+
+
 class ModelConfig(Strict):
-    name_or_path: str = "world:tiny"
+    name_or_path: str = Field("world:tiny", description="a model folder, a hub id, world:tiny (the testbed) or "
+                                                        "smollm2:135m-instruct (a real chat model from PyPI)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     trust_remote_code: bool = False
     attn_implementation: str | None = None
@@ -57,6 +77,15 @@ class ModelConfig(Strict):
     disable_dropout: bool | None = Field(
         None, description="set every dropout (LoRA's too) to 0; default: true for preference recipes (TRL's "
                           "disable_dropout), false for SFT")
+
+    @field_validator("name_or_path")
+    @classmethod
+    def _known_variant(cls, v: str) -> str:
+        scheme = model_scheme(v)
+        if scheme in REAL_MODELS and v.split(":", 1)[1] not in REAL_MODELS[scheme]:
+            raise ValueError(f"unknown {scheme} model {v!r}; available: "
+                             f"{', '.join(f'{scheme}:{x}' for x in REAL_MODELS[scheme])}")
+        return v
 
     @model_validator(mode="after")
     def _qlora_needs_lora(self):
@@ -317,7 +346,52 @@ def common_checks(cfg: RunConfig) -> list[str]:
     problems = []
     if cfg.data.train is None:
         problems.append("field 'data.train': required for training (data.train.path: FILE)")
-    return problems
+    return problems + world_only_problems(cfg) + eval_judge_problems(cfg)
+
+
+def world_only_problems(cfg: RunConfig) -> list[str]:
+    """The tiny world's defaults used with a model that is not a ``world:`` model. ``${world}`` and
+    the ``kb`` judge used to fall back to the seed-0 tiny world silently: a real model was then
+    trained on the world's synthetic data, or judged against its invented knowledge base."""
+    m = cfg.model.name_or_path
+    if is_world_model(m):
+        return []
+    out = []
+    paths = [("data.train.path", cfg.data.train), ("data.eval.path", cfg.data.eval)]
+    paths += [(f"eval.datasets.{k}.path", v) for k, v in cfg.eval.datasets.items()]
+    for field, src in paths:
+        if src is not None and WORLD_VAR in src.path:
+            out.append(f"field '{field}': {WORLD_VAR} is the tiny world's folder, and model {m!r} is not a world: "
+                       f"model; give the path of your own file")
+    j = cfg.eval.judge
+    if eval_judge_used(cfg) and j.get("backend", "kb") == "kb" and not j.get("world_dir"):
+        out.append(f"field 'eval.judge': {'backend' if 'judge' in cfg.eval.model_fields_set else 'the default judge'} 'kb' is the tiny "
+                   f"world's knowledge base, and model {m!r} is not a world: model; set eval.judge to a judge of "
+                   f"your own: {{backend: rules}} (refusal phrases, aliases), {{backend: hf, name_or_path: ...}}, "
+                   f"{{backend: http, base_url: ..., model: ...}} or {{backend: hybrid, ...}}")
+    return out
+
+
+def eval_judge_used(cfg: RunConfig) -> bool:
+    return cfg.eval.enabled and bool(cfg.eval.datasets)
+
+
+# What each eval task asks the judge (alignkit.evaluation.tasks); is_harmful of a rules judge needs keywords.
+_TASK_ASKS_HARM = ("safety",)
+
+
+def eval_judge_problems(cfg: RunConfig) -> list[str]:
+    """What the eval judge's backend cannot answer for the eval sets, found before training."""
+    j = cfg.eval.judge
+    if not eval_judge_used(cfg) or j.get("backend") != "rules" or j.get("harmful_keywords"):
+        return []
+    sets = [k for k, v in cfg.eval.datasets.items() if v.task in _TASK_ASKS_HARM
+            and (cfg.eval.run is None or k in cfg.eval.run)]
+    if not sets:
+        return []
+    return [f"field 'eval.judge': the rules judge detects harmful compliance only with harmful_keywords, and task "
+            f"'safety' asks for it (eval.datasets: {', '.join(sets)}); add eval.judge.harmful_keywords: [...] or use "
+            f"an LLM judge ({{backend: http, ...}} or {{backend: hf, name_or_path: ...}})"]
 
 
 class PreferenceOptions(Strict):

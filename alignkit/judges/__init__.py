@@ -24,7 +24,8 @@ JUDGE_BACKENDS: dict[str, tuple[str, str]] = {
 
 _LAZY = {cls: mod for mod, cls in JUDGE_BACKENDS.values()} | {"HTTPJudgeError": "alignkit.judges.http"}
 
-__all__ = ["JUDGE_BACKENDS", "SENTENCE_LABELS", "Judge", "JudgeRequest", "build_judge", *sorted(_LAZY)]
+__all__ = ["JUDGE_BACKENDS", "SENTENCE_LABELS", "Judge", "JudgeRequest", "build_eval_judge", "build_judge",
+           *sorted(_LAZY)]
 
 
 def build_judge(spec: Mapping[str, Any]) -> Judge:
@@ -58,6 +59,15 @@ def __getattr__(name: str) -> Any:
 
 def build_eval_judge(judge_spec: dict, model_name_or_path: str) -> Judge:
     spec = dict(judge_spec)
+    if spec.get("backend", "kb") == "kb" and not spec.get("world_dir"):
+        from alignkit.config.schema import is_world_model
+
+        if not is_world_model(model_name_or_path):
+            # the last line of defence (configs are checked by config.schema.world_only_problems):
+            # never judge a real model against the tiny world's knowledge base
+            raise ValueError(f"judge backend 'kb' is the tiny world's knowledge base, and model "
+                             f"{model_name_or_path!r} is not a world: model; configure a judge of your own "
+                             f"(rules, hf, http, hybrid)")
     if spec.get("backend", "kb") == "kb":
         from alignkit.config.paths import world_uri
         from alignkit.judges.kb import KBJudge

