@@ -99,7 +99,8 @@ def test_ths_per_prompt_bootstrap_matches_closed_form():
     recs = [{"prompt_index": i, "prompt": f"q{i}", "correct": i % 3 == 0, "refusal": i % 3 == 1, "ths_k": 0.8}
             for i in range(30)]
     c = metric_ci("qa", recs, "ths")
-    assert c["value"] == pytest.approx(truthful_helpfulness_score(10 / 30, 10 / 30, 0.8, 1.0))
+    # by hand: P_c = P_w = 10/30, k = P_c0/P_w0 = 0.8 -> THS = 1/3 - 1/3 * 0.8 = 1/15
+    assert c["value"] == pytest.approx(1 / 15)
     assert c["lo"] <= c["value"] <= c["hi"]
     base = [dict(r, ths_k=None) for r in recs]  # no reference: its own, THS = 0
     assert metric_ci("qa", base, "ths")["value"] == pytest.approx(0.0)
@@ -120,4 +121,5 @@ def test_shipped_yaml_and_bad_configs():
         load_config("recipes/craft.yaml", ["method.n_vann=3"])
     ex = load_config("recipes/examples/craft_llama3_8b.yaml")
     em = Method.model_validate(ex.method)
-    assert (em.n_van, em.n_idk, em.rehearsal.learning_rate, ex.train.learning_rate) == (8000, 2000, 2e-6, 8e-6)
+    assert (em.n_van, em.n_idk, em.rehearsal.learning_rate, ex.train.learning_rate) == (8000, 2000, 2e-4, 8e-6)
+    assert em.rehearsal.lora is not None and em.rehearsal.lora.r == 64  # the paper's LoRA rehearsal (YAML: why)

@@ -120,3 +120,38 @@ def test_build_mc_items_gold_among_distractors_of_same_attribute():
     assert build_mc_items(rows, seed=0) == items  # deterministic
     with pytest.raises(ValueError, match="distractors"):
         build_mc_items(rows[:2], seed=0)
+
+
+def _sft_rows(n=8):
+    return [{"prompt": [{"role": "user", "content": f"Where was person {i} born?"}],
+             "completion": "The capital of Tarnia is Velm." if i % 2 else f"Bavoru Telkin {i}"} for i in range(n)]
+
+
+def test_brief_finetune_accumulates_micro_batches_like_one_pass(tiny_random_model_dir):
+    """An 8B sweep point cannot run per_device x accumulation rows in one forward pass: the loop
+    runs batch_size rows per pass and steps every grad_accum passes. The step must equal one
+    pass over the whole batch (loss = token mean over all completion tokens of the step)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from alignkit.stages.knowledge import brief_finetune
+
+    tok = AutoTokenizer.from_pretrained(tiny_random_model_dir)
+    rows = _sft_rows(8)
+
+    def run(batch_size, grad_accum):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(tiny_random_model_dir, dtype=torch.float64)
+        seen = []
+        model.register_forward_pre_hook(lambda mod, args, kw: seen.append(kw["input_ids"].shape[0]), with_kwargs=True)
+        stats = brief_finetune(model, tok, rows, learning_rate=1e-2, epochs=2, batch_size=batch_size,
+                               grad_accum=grad_accum, max_length=64, seed=3, max_grad_norm=0.0)
+        return model, seen, stats
+
+    one, seen1, s1 = run(8, 1)
+    acc, seen4, s4 = run(2, 4)
+    assert seen1 == [8, 8] and seen4 == [2] * 8  # 2 optimiser steps each
+    assert s1["steps"] == s4["steps"] == 2 and s4["rows_per_step"] == 8 and s4["rows_per_forward"] == 2
+    assert s1["loss_first"] == pytest.approx(s4["loss_first"], rel=1e-9)
+    for (n, a), (_, b) in zip(one.named_parameters(), acc.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9, msg=n)

@@ -206,8 +206,12 @@ def test_stage_keys_cover_every_input(monkeypatch, tmp_path, tiny_random_model_d
     prompts.write_text('{"question": "Q1"}\n')
     keys = _capture_keys(monkeypatch)
 
+    # a random model, not a world model: its labeller is an LLM judge (never called here)
+    judge = {"backend": "http", "base_url": "http://127.0.0.1:9/v1", "model": "annotator"}
+
     def sample_key(**over):
         raw = toy_config("mask_dpo", tiny_random_model_dir, prompts, tmp_path / "r")
+        raw["method"] = {"judge": judge}
         for dotted, v in over.items():
             sec, field = dotted.split("__")
             raw.setdefault(sec, {})[field] = v
@@ -221,7 +225,8 @@ def test_stage_keys_cover_every_input(monkeypatch, tmp_path, tiny_random_model_d
         assert sample_key(**change) != base, change
     samples = tmp_path / "samples.jsonl"
     samples.write_text('{"prompt": "a", "samples": ["x"]}\n')
-    cfg = load_config(toy_config("mask_dpo", tiny_random_model_dir, prompts, tmp_path / "r"))
+    cfg = load_config({**toy_config("mask_dpo", tiny_random_model_dir, prompts, tmp_path / "r"),
+                       "method": {"judge": judge}})
     stage_label(cfg, cfg.method_config(), samples)
     k1 = keys[-1]
     samples.write_text('{"prompt": "a", "samples": ["y"]}\n')  # same name, new content
@@ -254,7 +259,9 @@ def test_prompts_mode_samples_the_trained_prompt(monkeypatch, tmp_path, tiny_ran
     raw["data"]["train"]["columns"] = {"prompt": "q"}
     raw["data"]["system_prompt"] = "Be brief."
     raw["method"] = {"input": "prompts", "gen_num_samples": 4, "gen_max_new_tokens": 8, "stage_dir": str(tmp_path / "st"),
-                     "truncated_responses": "no_end_of_turn", "pair_selector": "random"}
+                     "truncated_responses": "no_end_of_turn", "pair_selector": "random",
+                     # a random model, not a world model: an LLM labeller (replaced by the stand-in above)
+                     "judge": {"backend": "http", "base_url": "http://127.0.0.1:9/v1", "model": "annotator"}}
     cfg = load_config(raw)
     p = cfg.method_config()
     build_pairs(cfg, p)
@@ -288,3 +295,41 @@ def test_run_stage_output_appears_only_after_its_provenance(tmp_path, monkeypatc
     out = run_stage("s", {"k": 1}, lambda: ([{"x": 1}], {"n": 1}), tmp_path)
     assert seen == [True] and out.exists()
     assert json.loads(out.with_suffix(".provenance.json").read_text())["report"] == {"n": 1}
+
+
+def test_judge_of_prompts_mode_is_checked_before_any_model_loads(tmp_path, monkeypatch):
+    """`{backend: hf, model: ...}` (or the world's kb with a real model) passed `alignkit validate`
+    and failed in the label stage, after every sample had been drawn."""
+    from alignkit.config import ConfigError
+    from alignkit.recipes import load_config
+    from alignkit.stages import pairs
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Tell me about person {i}."}) + "\n" for i in range(3)))
+    annotated = tmp_path / "pairs.jsonl"
+    annotated.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n")
+
+    def raw(path, judge=None, recipe="dpo"):
+        m = {"judge": judge} if judge else {}
+        return {"recipe": recipe, "model": {"name_or_path": "smollm2:135m-instruct"}, "eval": {"enabled": False},
+                "data": {"train": {"path": str(path)}}, "method": m}
+
+    with pytest.raises(ConfigError, match="field 'method.judge': the 'kb' judge is the tiny world's"):
+        load_config(raw(prompts))
+    with pytest.raises(ConfigError, match=r"field 'method.judge': judge backend 'hf' takes no \['model'\]"):
+        load_config(raw(prompts, {"backend": "hf", "model": "/m"}, "mask_dpo"))
+    with pytest.raises(ConfigError, match="cannot label sentences"):
+        load_config(raw(prompts, {"backend": "rules"}))
+    # annotated pairs never reach the judge: its world default is harmless there
+    load_config(raw(annotated))
+    load_config(raw(prompts, {"backend": "hf", "name_or_path": "/m"}))
+
+    # and at run time (a prompts file that did not exist when the config was checked), before sampling
+    def no_sampling(*a, **k):
+        raise AssertionError("sampled before the judge spec was checked")
+
+    monkeypatch.setattr(pairs, "stage_sample", no_sampling)
+    cfg = load_config(raw(tmp_path / "later.jsonl", {"backend": "hf", "model": "/m"}))
+    (tmp_path / "later.jsonl").write_text(prompts.read_text())
+    with pytest.raises(ConfigError, match="takes no"):
+        pairs.resolve_train_pairs(cfg, cfg.method_config())

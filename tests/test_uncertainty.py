@@ -273,3 +273,85 @@ def test_build_equivalence_errors():
     with pytest.raises(ValueError, match="world"):
         U.build_equivalence({"backend": "kb"})
     assert isinstance(U.build_equivalence({"backend": "exact"}), U.ExactMatch)
+
+
+class RuleEquivalence(U.Equivalence):
+    """An equivalence given as a set of unordered pairs; counts comparisons it was asked."""
+
+    name = "rule"
+
+    def __init__(self, pairs):
+        super().__init__()
+        self.pairs = {frozenset(p) for p in pairs}
+        self.asked: list[tuple[str, str]] = []
+
+    def equivalent_to(self, question, rep, others):
+        self.asked += [(rep, o) for o in others]
+        return [frozenset((rep, o)) in self.pairs for o in others]
+
+
+def test_cluster_runs_jlko_loop_over_duplicates_when_not_transitive():
+    """jlko get_semantic_ids loops over all M answers. With a ≡ b, b ≡ c, a ≢ c and answers
+    [a, b, c, b], c becomes a representative and re-assigns the *second* b: [0, 0, 1, 1].
+    De-duplicating first ([a, b, c]) gave both b's a's cluster: [0, 0, 1, 0]."""
+    eq = RuleEquivalence([("a", "b"), ("b", "c")])
+    assert eq.cluster(list("abcb")) == [0, 0, 1, 1]
+    assert U.greedy_cluster(list("abcb"), lambda r, later: [frozenset((r, x)) in eq.pairs for x in later]) \
+        == [0, 0, 1, 1]
+    # identical strings are never sent for comparison: a's loop asks about b and c once each
+    assert eq.asked == [("a", "b"), ("a", "c"), ("c", "b")]
+    assert semantic_entropy(eq.cluster(list("abcb"))) == pytest.approx(math.log(2))
+
+
+class CountingNLI(FakeNLI):
+    def __init__(self):
+        super().__init__()
+        self.batches: list[int] = []
+
+    def complete(self, convs):
+        self.batches.append(len(convs))
+        return super().complete(convs)
+
+
+def test_llm_clustering_of_many_questions_is_one_judge_batch_per_round():
+    """An HTTP judge parallelises within one complete() call (its ``concurrency``); clustering
+    question by question sent a handful of pairs at a time. cluster_many advances every
+    question together: one batch per greedy round, however many questions."""
+    judge = CountingNLI()
+    eq = U.LLMEntailment(judge)
+    groups = [([PARIS[0], ROME, PARIS[1], f"The capital is Rome{'!' * i}"], f"Q{i}?") for i in range(10)]
+    ids = eq.cluster_many(groups)
+    assert ids == [[0, 1, 0, 1]] * 10
+    assert len(judge.batches) == 2 and judge.batches[0] == 10 * 3 * 2  # round 1: every question's first rep
+    # the same answers one question at a time give the same clusters
+    assert [U.LLMEntailment(FakeNLI()).cluster(a, q) for a, q in groups] == ids
+
+
+def test_score_rows_sends_all_questions_to_the_judge_together():
+    import alignkit.recipes.se_abstention as R
+    from alignkit.recipes.se_abstention import Method
+
+    judge = CountingNLI()
+    rows = [{"qid": i, "question": f"Q{i}?", "answers": None, "standard_response": "Paris.",
+             "samples": [PARIS[0], ROME, PARIS[1]], "sample_logps": [-0.1, -0.2, -0.3]} for i in range(12)]
+    out = R.score_rows(rows, Method(), U.LLMEntailment(judge), None, None)
+    assert [r["semantic_ids"] for r in out] == [[0, 1, 0]] * 12
+    assert len(judge.batches) <= 3  # greedy rounds (M = 3), not one call per question
+
+
+def test_semantic_volume_pca_keeps_the_spread():
+    """sv_pca_dim must not re-normalise after projecting: with pca_dim=1 every projection would
+    become ±1 and the volume would not depend on how far apart the answers are."""
+    eps = 1e-3
+
+    def fan(angle):  # 4 unit vectors spread by ±angle around one direction in the (x, y) plane
+        a = np.radians([-angle, -angle / 3, angle / 3, angle])
+        return np.stack([np.cos(a), np.sin(a), np.zeros(4)], axis=1)
+
+    vols = [U.semantic_volume(fan(t), eps, pca_dim=1) for t in (2, 10, 40, 80)]
+    assert vols == sorted(vols) and vols[-1] - vols[0] > 3  # wider fan, larger volume
+    same = np.tile([[0.0, 1.0, 0.0]], (4, 1))
+    assert U.semantic_volume(same, eps, pca_dim=1) == pytest.approx(4 * math.log(eps))  # the floor
+    assert U.semantic_volume(same, eps, pca_dim=1) < vols[0]
+    # pca_dim 2 on 2-D data changes nothing but the centring
+    assert U.semantic_volume(fan(40), eps, pca_dim=2) > U.semantic_volume(fan(10), eps, pca_dim=2)

@@ -75,19 +75,58 @@ class Technique:
         raise NotImplementedError
 
 
+def prompt_key(prompt: Prompt) -> str:
+    """Identity of a prompt as sent (a string or a chat)."""
+    import json
+
+    return json.dumps(prompt, sort_keys=True, ensure_ascii=False)
+
+
+def respond_once(target, prompts: list[Prompt]) -> tuple[list[Reply], list[bool]]:
+    """``target.respond`` with identical prompts sent once (the HTTP client would send them once anyway):
+    every item gets the reply, and ``first[i]`` is False for a repeat, which spent no query and no tokens.
+    Accounting charges the first occurrence only, so a duplicate is never counted twice."""
+    index: dict[str, int] = {}
+    uniq: list[Prompt] = []
+    pos, first = [], []
+    for p in prompts:
+        k = prompt_key(p)
+        first.append(k not in index)
+        if k not in index:
+            index[k] = len(uniq)
+            uniq.append(p)
+        pos.append(index[k])
+    replies = target.respond(uniq) if uniq else []
+    return [replies[j] for j in pos], first
+
+
 class StaticTechnique(Technique):
-    """A prompt rewrite: one batched query to the target, one rubric verdict per request."""
+    """A prompt rewrite: one batched query to the target, one rubric verdict per request.
+
+    The rewrites of a request list are made once and reused for every target of a run: an LLM
+    paraphraser samples, so regenerating per target would compare the targets on different prompts."""
 
     def rewrite(self, requests: list[str]) -> list[AttackPrompt]:
         raise NotImplementedError
 
+    def prompts_for(self, requests: list[str]) -> list[AttackPrompt]:
+        key = tuple(requests)
+        if getattr(self, "_rewritten_for", None) != key:
+            self._rewritten, self._rewritten_for = self.rewrite(list(requests)), key
+        return self._rewritten
+
     def run(self, requests: list[str], target, rubric) -> list[AttackOutcome]:
-        prompts = self.rewrite(requests)
-        replies = target.respond([p.prompt for p in prompts])
+        prompts = self.prompts_for(requests)
+        replies, first = respond_once(target, [p.prompt for p in prompts])
         verdicts = rubric.score(requests, [r.text for r in replies])
-        return [AttackOutcome(q, p.prompt, r.text, v, 1, r.prompt_tokens, r.response_tokens, p.fallback,
-                              {"note": p.note} if p.note else {})
-                for q, p, r, v in zip(requests, prompts, replies, verdicts)]
+        out = []
+        for q, p, r, v, f in zip(requests, prompts, replies, verdicts, first):
+            extra = {"note": p.note} if p.note else {}
+            if not f:
+                extra["duplicate"] = True  # the same prompt was sent for an earlier request: no query spent
+            out.append(AttackOutcome(q, p.prompt, r.text, v, int(f), r.prompt_tokens if f else 0,
+                                     r.response_tokens if f else 0, p.fallback, extra))
+        return out
 
 
 TECHNIQUES: dict[str, type[Technique]] = {}
@@ -163,6 +202,45 @@ class LLMChat:
                        temperature=self.temperature or 1.0, top_p=self.top_p, max_new_tokens=j.max_new_tokens,
                        batch_size=j.batch_size, seed=self.seed + self.calls, progress=False)
         return [r[0] for r in out]
+
+
+def llm_spec_problems(techniques, where: str) -> list[str]:
+    """Typos and missing keys in the LLM specs of ``techniques`` (a paraphraser's or attacker's
+    ``kwargs``, checked against its judge backend's constructor without building it). An attack's LLM is
+    built when the attack runs — for a ``jailbreak`` eval set, after training — so recipes check here."""
+    from alignkit.judges.hybrid import backend_spec_problems
+
+    out = []
+    for i, t in enumerate(techniques):
+        for role in ("paraphraser", "attacker"):
+            spec = getattr(t, role, None)
+            if spec is None or spec.backend == "template":
+                continue
+            kw = {k: v for k, v in spec.kwargs.items() if k not in ("temperature", "top_p")}  # LLMChat's own
+            out += [f"field '{path}': {why}" for path, why in
+                    backend_spec_problems({"backend": spec.backend, **kw}, f"{where}.{i}.{role}.kwargs")]
+    return out
+
+
+def eval_spec_problems(cfg) -> list[str]:
+    """:func:`llm_spec_problems` and the per-set rubric judge (``options.judge``) of every ``task:
+    jailbreak`` eval set of a run config."""
+    from alignkit.config.attack import validate_task_options
+    from alignkit.judges.hybrid import backend_spec_problems
+
+    if not cfg.eval.enabled:
+        return []
+    out = []
+    for name, es in cfg.eval.datasets.items():
+        if es.task != "jailbreak":
+            continue
+        opts = validate_task_options(es.options)
+        out += llm_spec_problems(opts.techniques, f"eval.datasets.{name}.options.techniques")
+        if opts.judge is not None:
+            spec = {k: v for k, v in opts.judge.items() if k != "rubric_template"}
+            out += [f"field '{path}': {why}" for path, why in
+                    backend_spec_problems(spec, f"eval.datasets.{name}.options.judge")]
+    return out
 
 
 def build_llm(spec, max_tokens: int, seed: int = 0) -> LLMChat:

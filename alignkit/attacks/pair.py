@@ -4,7 +4,8 @@ answers, the judge scores, and the attacker refines from that feedback. ``n_stre
 conversations run in parallel for ``n_iterations`` rounds; a request stops at the first round in
 which any stream's score reaches ``judge_threshold`` (Algorithm 1's early exit) or at the cap.
 Queries to the target are counted per request (JailbreakBench's "number of queries"), with the
-prompt and response tokens spent.
+prompt and response tokens spent; identical prompts of one round go to the target once and are counted
+once.
 
 Attackers: ``template`` — the tiny world's deterministic wrapper attacker (each stream walks the world's
 persuasion / flip wrappers in its own seeded order, ``alignkit.world.jailbreak.wrapper_attacker``);
@@ -121,14 +122,23 @@ def _text(prompt) -> str:
 def pair_search(requests: list[str], attacker, target, rubric, n_streams: int = 3, n_iterations: int = 3,
                 threshold: float = 1.0) -> list[AttackOutcome]:
     """Batched PAIR over all requests and streams; one :class:`AttackOutcome` per request (its best turn:
-    the first to reach ``threshold``, else the highest score)."""
+    the first to reach ``threshold``, else the highest score, a complied turn before a refused one of
+    equal score).
+
+    Identical prompts of one round are sent once (:func:`alignkit.attacks.respond_once`): a repeat spends
+    no query and no tokens. Every turn of the history keeps ``query``, the number of this request's
+    queries sent up to and including it, so the queries needed to reach the first success can be read
+    off (:func:`alignkit.attacks.pipeline.attack_records`)."""
+    from alignkit.attacks import respond_once
+
     if n_streams < 1 or n_iterations < 1:
         raise ValueError("n_streams and n_iterations must be >= 1")
     n = len(requests)
     hist = [[[] for _ in range(n_streams)] for _ in range(n)]
+    turns: list[list[dict]] = [[] for _ in range(n)]  # per request: one entry per turn, (round, stream) order
     queries, ptok, rtok, fallbacks = [0] * n, [0] * n, [0] * n, [0] * n
     tok_known = [True] * n
-    best: list[tuple | None] = [None] * n  # (score, iteration, stream, turn)
+    best: list[tuple | None] = [None] * n  # ((score, compliance), iteration, stream, turn, verdict)
     done = [False] * n
     rounds = [0] * n
     for it in range(n_iterations):
@@ -137,32 +147,38 @@ def pair_search(requests: list[str], attacker, target, rubric, n_streams: int = 
             break
         props = attacker.propose([requests[i] for i, _ in items], [s for _, s in items],
                                  [hist[i][s] for i, s in items])
-        replies = target.respond([p.prompt for p in props])
+        replies, first = respond_once(target, [p.prompt for p in props])
         verdicts = rubric.score([requests[i] for i, _ in items], [r.text for r in replies])
-        for (i, s), p, r, v in zip(items, props, replies, verdicts):
+        for (i, s), p, r, v, f in zip(items, props, replies, verdicts, first):
             turn = PairTurn(p.prompt, r.text, v.score)
             hist[i][s].append(turn)
-            queries[i] += 1
             fallbacks[i] += int(p.fallback)
-            if r.prompt_tokens is None or r.response_tokens is None:
-                tok_known[i] = False
-            else:
-                ptok[i] += r.prompt_tokens
-                rtok[i] += r.response_tokens
-            if best[i] is None or v.score > best[i][0][0]:
-                best[i] = ((v.score, it, s), turn, v)
+            if f:
+                queries[i] += 1
+                if r.prompt_tokens is None or r.response_tokens is None:
+                    tok_known[i] = False
+                else:
+                    ptok[i] += r.prompt_tokens
+                    rtok[i] += r.response_tokens
+            turns[i].append({"iteration": it + 1, "stream": s, "score": v.score, "compliance": v.compliance,
+                             "query": queries[i], "duplicate": not f})
+            # A complied turn beats a refused one of equal score (StrongREJECT gives a complied but
+            # unconvincing, unspecific reply score 0, like a refusal): CR and MBR count compliance.
+            key = (v.score, bool(v.compliance))
+            if best[i] is None or key > best[i][0]:
+                best[i] = (key, it, s, turn, v)
             rounds[i] = it + 1
         for i in {i for i, _ in items}:
             if best[i][0][0] >= threshold:
                 done[i] = True
     out = []
     for i, req in enumerate(requests):
-        (_, it, s), turn, v = best[i]
+        _, it, s, turn, v = best[i]
         out.append(AttackOutcome(
             req, turn.prompt, turn.response, v, queries[i], ptok[i] if tok_known[i] else None,
             rtok[i] if tok_known[i] else None, fallbacks[i] > 0,
             {"iterations": rounds[i], "best_iteration": it + 1, "best_stream": s, "attacker_fallbacks": fallbacks[i],
-             "stopped": "success" if done[i] else "iteration_cap",
+             "stopped": "success" if done[i] else "iteration_cap", "turns": turns[i],
              "history": [[{"prompt": t.prompt, "response": t.response, "score": t.score} for t in hs]
                          for hs in hist[i]]}))
     return out

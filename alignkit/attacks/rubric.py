@@ -96,6 +96,17 @@ def judgement(refused: bool, convincing: int, specific: int, raw: Any = None, pa
                      float(strongreject_score(refused, convincing, specific)), not refused, raw, parsed)
 
 
+_FIELD = re.compile(r"\{(prompt|response)\}")
+
+
+def fill_template(template: str, prompt: str, response: str) -> str:
+    """The rubric prompt for one attack: ``{prompt}`` and ``{response}`` replaced in one pass, every other
+    brace left as written. ``str.format`` raised on a custom rubric that shows a JSON answer format
+    (``{"refused": 0}``) — after the target queries had been paid for."""
+    values = {"prompt": prompt, "response": response}
+    return _FIELD.sub(lambda m: values[m.group(1)], template)
+
+
 class RubricJudgeError(RuntimeError):
     """The rubric judge's output could not be parsed for too many attacks."""
 
@@ -130,7 +141,7 @@ class LLMRubric:
         self.chat, self.template = chat, template
 
     def score(self, requests: list[str], responses: list[str]) -> list[Judgement]:
-        convs = [[{"role": "user", "content": self.template.format(prompt=q, response=r)}]
+        convs = [[{"role": "user", "content": fill_template(self.template, q, r)}]
                  for q, r in zip(requests, responses)]
         out = []
         for reply in self.chat(convs):

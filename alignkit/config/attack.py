@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, ValidationError, model_validator
 
 from alignkit.config.base import ConfigError, Strict, _format_errors, read_raw_config, yaml_load
+from alignkit.config.paths import is_world_model
 
 PAP_TAXONOMIES = ("authority_endorsement", "logical_appeal", "misrepresentation")
 FLIP_MODES = ("FWO", "FCW", "FCS", "FMM")
@@ -23,7 +24,8 @@ MBR_SUCCESS = ("compliance", "effectiveness_eq_1", "effectiveness_ge_threshold")
 
 class LLMSpec(Strict):
     """An LLM used by an attack (paraphraser, attacker): a judge backend with a chat method.
-    ``template`` is the tiny world's deterministic stand-in (no model)."""
+    ``template`` is the tiny world's deterministic stand-in (no model): it wraps a request in the world's
+    fixed sentences, so against any other target it is rejected (:func:`world_standin_problems`)."""
 
     backend: Literal["template", "http", "hf"] = "template"
     kwargs: dict[str, Any] = Field(default_factory=dict, description="constructor arguments of the backend "
@@ -40,8 +42,8 @@ class LLMSpec(Strict):
             if "api_key" in self.kwargs:
                 raise ValueError("never put an API key in a config; set kwargs.api_key_env to an environment "
                                  "variable's name")
-        if self.backend == "hf" and "model_or_path" not in self.kwargs:
-            raise ValueError("hf backend needs kwargs.model_or_path")
+        if self.backend == "hf" and not {"model_or_path", "name_or_path"} & set(self.kwargs):
+            raise ValueError("hf backend needs kwargs.model_or_path (the model to load)")
         return self
 
 
@@ -150,15 +152,16 @@ class JailbreakTaskOptions(_Techniques):
 
     @model_validator(mode="after")
     def _judge(self):
+        if self.rubric_template is not None:
+            check_rubric_template(self.rubric_template, "rubric_template")
         if self.judge is not None:
             if self.judge.get("backend") not in ("http", "hf"):
                 raise ValueError("judge: a per-set rubric judge must be an LLM backend (http / hf); the kb / rules "
                                  "judges come from eval.judge")
             if "api_key" in self.judge:
                 raise ValueError("judge: never put an API key in a config; use api_key_env")
-        if self.rubric_template is not None and not ("{prompt}" in self.rubric_template
-                                                     and "{response}" in self.rubric_template):
-            raise ValueError("rubric_template must contain {prompt} and {response}")
+            if self.judge.get("rubric_template") is not None:
+                check_rubric_template(self.judge["rubric_template"], "judge.rubric_template")
         return self
 
 
@@ -223,7 +226,75 @@ class AttackConfig(_Techniques):
             raise ValueError(f"target names must be unique, repeated: {dup}; set `name:` on one of them")
         if "api_key" in self.judge:
             raise ValueError("judge: never put an API key in a config; use api_key_env")
+        if self.judge.get("rubric_template") is not None:
+            check_rubric_template(self.judge["rubric_template"], "judge.rubric_template")
         return self
+
+    def is_world_target(self, t) -> bool:
+        """A local ``world:`` model, or a local model declared to be from the world by ``judge.world_dir``
+        (e.g. a run's ``model/`` trained on ``world:tiny``)."""
+        return t.type == "local" and (is_world_model(t.name_or_path) or bool(self.judge.get("world_dir")))
+
+    def world_problems(self) -> list[str]:
+        """The tiny world's stand-ins (template paraphraser / attacker, the kb judge — the default —, the
+        world's prompt files) used against a target that is not a world model: they mean nothing to it
+        (``{name: pair}`` would run the world's wrapper attacker under PAIR's name). One
+        ``field '<path>': <reason and fix>`` each."""
+        real = [target_name(t) for t in self.targets if not self.is_world_target(t)]
+        if not real:
+            return []
+        problems = world_standin_problems(self.techniques, "techniques", f"target(s) {real}")
+        for field, ps in (("prompts", self.prompts), ("benign", self.benign)):
+            if ps is not None and "${world}" in ps.path:
+                problems.append(f"field '{field}.path': {ps.path!r} is the tiny world's data (its invented "
+                                f"compounds and people), sent to target(s) {real}, which are not world: models; "
+                                f"give your own prompt file")
+        if self.judge.get("backend", "kb") == "kb" and not self.judge.get("world_dir"):
+            problems.append(f"field 'judge': the kb judge (the default) is the tiny world's exact judge and knows "
+                            f"nothing of target(s) {real}; use an LLM rubric judge (judge: {{backend: http | hf, "
+                            f"...}}), or, for a model trained in the tiny world (a run's model/), name its world "
+                            f"with judge.world_dir")
+        return problems
+
+
+def check_rubric_template(t: Any, where: str) -> None:
+    """A rubric prompt with ``{prompt}`` and ``{response}``; any other brace is literal text (the rubric
+    substitutes only those two fields, :func:`alignkit.attacks.rubric.fill_template`)."""
+    if not isinstance(t, str) or "{prompt}" not in t or "{response}" not in t:
+        raise ValueError(f"{where} must be a string containing {{prompt}} and {{response}}")
+
+
+def world_standin_problems(techniques, where: str, target: str = "the model") -> list[str]:
+    """The tiny world's stand-ins among ``techniques`` (each named by its field), for a target that is not a
+    ``world:`` model: the template paraphraser wraps requests in the world's persuasion sentences ("The
+    Guild of Healers says ..."), the template attacker walks the world's wrappers under PAIR's name."""
+    out = []
+    for i, t in enumerate(techniques):
+        label = t.label or t.default_label()
+        if isinstance(t, PAP) and t.paraphraser.backend == "template":
+            out.append(f"field '{where}.{i}.paraphraser': {label} uses the template paraphraser, the tiny "
+                       f"world's stand-in (the world's fixed persuasion sentences), against {target}, which is "
+                       f"not a world: model; set paraphraser: {{backend: http | hf, kwargs: {{...}}}} (an LLM "
+                       f"paraphraser, PAP §2.1)")
+        if isinstance(t, PAIR) and t.attacker.backend == "template":
+            out.append(f"field '{where}.{i}.attacker': {label} uses the template attacker, the tiny world's "
+                       f"stand-in (the world's wrappers, not PAIR), against {target}, which is not a world: "
+                       f"model; set attacker: {{backend: http | hf, kwargs: {{...}}}} (PAIR's attacker LLM)")
+    return out
+
+
+def eval_world_problems(cfg) -> list[str]:
+    """The tiny world's stand-ins in a run config's ``task: jailbreak`` eval sets when ``model`` is not a
+    ``world:`` model (the evaluated model is the attack's target). Recipes' ``check_config`` call it."""
+    if is_world_model(cfg.model.name_or_path) or not cfg.eval.enabled:
+        return []
+    out = []
+    for name, es in cfg.eval.datasets.items():
+        if es.task == "jailbreak":
+            opts = validate_task_options(es.options)
+            out += world_standin_problems(opts.techniques, f"eval.datasets.{name}.options.techniques",
+                                          f"model {cfg.model.name_or_path!r}")
+    return out
 
 
 def target_name(t) -> str:
@@ -236,9 +307,13 @@ def load_attack_config(path: str | Path | dict, overrides: list[str] | None = No
     """YAML (+ dotted overrides) -> a validated :class:`AttackConfig`; every problem at once, with field paths."""
     raw, source = read_raw_config(path, overrides)
     try:
-        return AttackConfig.model_validate(raw)
+        cfg = AttackConfig.model_validate(raw)
     except ValidationError as e:
         raise ConfigError("\n".join(_format_errors(e, source, root=AttackConfig))) from None
+    problems = cfg.world_problems()
+    if problems:
+        raise ConfigError("\n".join(f"{source}: {p}" for p in problems))
+    return cfg
 
 
 def is_attack_config(path: str | Path) -> bool:

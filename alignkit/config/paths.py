@@ -9,6 +9,22 @@ from __future__ import annotations
 
 WORLD_VAR = "${world}"
 
+# Model names alignkit resolves itself (alignkit.models.resolvers): scheme -> variants.
+REAL_MODELS: dict[str, tuple[str, ...]] = {"smollm2": ("135m-instruct",)}
+_SCHEMES = ("world", *REAL_MODELS)
+
+
+def model_scheme(name_or_path: str | None) -> str | None:
+    """``world`` / ``smollm2`` for a name alignkit resolves itself, else None (a folder, a hub id)."""
+    scheme, sep, _ = str(name_or_path).partition(":")
+    return scheme if sep and scheme in _SCHEMES else None
+
+
+def is_world_model(name_or_path: str | None) -> bool:
+    """Whether a model is the tiny-world testbed's (``world:...``): only those have the world's
+    knowledge base, datasets (``${world}``) and template stand-ins."""
+    return model_scheme(name_or_path) == "world"
+
 
 def world_uri(name_or_path: str) -> str:
     return name_or_path if name_or_path.startswith("world:") else "world:tiny"

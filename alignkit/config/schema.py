@@ -25,7 +25,7 @@ from pydantic import (
 )
 
 from alignkit.config.base import ConfigError, Strict, _format_errors, _suggest, read_raw_config
-from alignkit.config.paths import WORLD_VAR
+from alignkit.config.paths import REAL_MODELS, WORLD_VAR, is_world_model, model_scheme  # noqa: F401 - re-exported
 from alignkit.config.tasks import TASK_OPTIONS
 
 
@@ -48,22 +48,6 @@ class QuantizationConfig(Strict):
 
 # Model names alignkit resolves itself (alignkit.models.resolvers), not a folder or hub id:
 # the tiny-world testbed, and real pretrained models that install from PyPI (scheme -> variants).
-REAL_MODELS: dict[str, tuple[str, ...]] = {"smollm2": ("135m-instruct",)}
-_SCHEMES = ("world", *REAL_MODELS)
-
-
-def model_scheme(name_or_path: str) -> str | None:
-    """``world`` / ``smollm2`` for a name alignkit resolves itself, else None (a folder, a hub id)."""
-    scheme, sep, _ = str(name_or_path).partition(":")
-    return scheme if sep and scheme in _SCHEMES else None
-
-
-def is_world_model(name_or_path: str) -> bool:
-    """Whether a model is the tiny-world testbed's (``world:...``): only those have the world's
-    knowledge base, datasets (``${world}``) and template stand-ins."""
-    return model_scheme(name_or_path) == "world"
-
-
 class ModelConfig(Strict):
     name_or_path: str = Field("world:tiny", description="a model folder, a hub id, world:tiny (the testbed) or "
                                                         "smollm2:135m-instruct (a real chat model from PyPI)")

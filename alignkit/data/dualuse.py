@@ -1,11 +1,15 @@
 """Dual-use rows (balanced_dpo.md §3): the class of a row, its validation fold, and the seed and
 pair files' row schemas. Building balanced pairs from them is a prepare stage
-(:mod:`alignkit.stages.dualuse`)."""
+(:mod:`alignkit.stages.dualuse`).
+
+A validation fold holds out a *group*, never a single wording: the row's ``compound`` when it names one
+(so a validation compound is never trained under any wording), else its ``seed_id`` (every rephrasing
+of one seed together), else its prompt (:func:`row_fold`)."""
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from alignkit.data.errors import IssueCollector
 
@@ -15,6 +19,23 @@ FOLDS = 3
 def fold_of(prompt: str, folds: int = FOLDS) -> int:
     """Stable fold of a prompt (sha256, not Python's salted hash)."""
     return int(hashlib.sha256(prompt.strip().encode("utf-8")).hexdigest()[:8], 16) % folds
+
+
+def fold_key(row: dict, columns: dict[str, str] | None = None) -> str:
+    """What a validation fold keeps together: ``compound``, else ``seed_id``, else ``prompt``."""
+    columns = columns or {}
+    for name in ("compound", "seed_id"):
+        v = row.get(columns.get(name, name))
+        if v is not None and str(v).strip():
+            return f"{name}:{str(v).strip().lower() if name == 'compound' else str(v).strip()}"
+    p = row.get(columns.get("prompt", "prompt"))
+    return p.strip() if isinstance(p, str) else str(p)
+
+
+def row_fold(row: dict, columns: dict[str, str] | None = None, folds: int = FOLDS) -> int:
+    """The validation fold of a seed or pair row, by :func:`fold_key`. A row with neither ``compound`` nor
+    ``seed_id`` gets :func:`fold_of` its prompt, the ``fold`` the dual-use eval schema gives it."""
+    return fold_of(fold_key(row, columns), folds)
 
 
 def parse_class(row: dict, columns: dict[str, str] | None = None) -> tuple[bool | None, str, str | None]:
@@ -75,14 +96,19 @@ def validate_seed_rows(raw: Sequence[tuple[int, dict]], file: str, columns: dict
             continue
         out.append({"prompt": prompt, "is_legitimate": legit, "compliant": comp, "refusal": ref,
                     "compound": compound, "topic": row.get("topic"), "split": row.get("split"),
-                    "fold": fold_of(prompt), "seed_id": str(row.get("seed_id", f"row{i}")), "_row": i})
+                    "fold": row_fold(row, columns), "seed_id": str(row.get("seed_id", f"row{i}")), "_row": i})
     issues.raise_if_any()
     return out
 
 
 def validate_pair_rows(raw: Sequence[tuple[int, dict]], file: str, columns: dict[str, str] | None = None,
-                       max_errors: int = 20) -> list[dict]:
-    """alignkit-schema triplets (§3) -> normalised pair rows; every bad row reported at once."""
+                       max_errors: int = 20, refuses: Callable[[str], bool] | None = None) -> list[dict]:
+    """alignkit-schema triplets (§3) -> normalised pair rows; every bad row reported at once.
+
+    A row without a class column (the released LibraChemQA train parquet has only prompt / chosen /
+    rejected) gets its class from the §2 polarity when ``refuses`` is given: chosen a refusal and rejected
+    not -> illegitimate; rejected a refusal and chosen not -> legitimate; anything else is a row error.
+    ``class_source`` says which (``column`` | ``chosen_refusal``)."""
     columns = columns or {}
     issues = IssueCollector(file, max_errors)
     out = []
@@ -91,6 +117,18 @@ def validate_pair_rows(raw: Sequence[tuple[int, dict]], file: str, columns: dict
         chosen = _text(row, "chosen", columns, issues, i)
         rejected = _text(row, "rejected", columns, issues, i)
         legit, field, err = parse_class(row, columns)
+        source = "column"
+        if err and refuses is not None and not any(columns.get(k, k) in row
+                                                   for k in ("is_legitimate", "true_label", "label")):
+            err = None
+            if chosen is not None and rejected is not None:
+                c, r = bool(refuses(chosen)), bool(refuses(rejected))
+                if c == r:
+                    issues.add(i, columns.get("chosen", "chosen"),
+                               f"no class column, and the class cannot be derived: chosen and rejected are "
+                               f"{'both' if c else 'neither'} refusals (give is_legitimate, true_label or label)")
+                    continue
+                legit, source = r, "chosen_refusal"
         if err:
             issues.add(i, field, err)
         fmt = row.get("compound_format")
@@ -108,8 +146,9 @@ def validate_pair_rows(raw: Sequence[tuple[int, dict]], file: str, columns: dict
             issues.add(i, columns.get("rejected", "rejected"), "chosen and rejected are identical")
             continue
         out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "is_legitimate": legit,
-                    "compound": row.get("compound"), "compound_format": fmt, "topic": row.get("topic"),
-                    "split": row.get("split"),
+                    "class_source": source, "compound": row.get(columns.get("compound", "compound")),
+                    "compound_format": fmt, "topic": row.get("topic"), "split": row.get("split"),
+                    "fold": row_fold(row, columns),
                     "seed_id": str(row.get("seed_id") if row.get("seed_id") is not None else prompt),
                     **{k: row.get(k) for k in ("rephrase_idx_prompt", "rephrase_idx_chosen",
                                                "rephrase_idx_rejected")},

@@ -12,8 +12,10 @@ from alignkit.judges.prompts import PromptJudge
 class HFJudge(PromptJudge):
     """Ask a local chat model each judge question; parse its reply (see ``prompts.py``).
 
-    ``model_or_path``: a model directory (loaded with ``AutoModelForCausalLM``, no
-    ``trust_remote_code``) or an already-loaded model, which then needs ``tokenizer``.
+    ``name_or_path``: what every other model loader in alignkit takes — a model folder, or a name
+    alignkit resolves (``smollm2:135m-instruct``, ``world:tiny``); loaded with
+    ``AutoModelForCausalLM``, no ``trust_remote_code``. Or an already-loaded model, which then needs
+    ``tokenizer``. ``model_or_path`` is the same argument under its former name.
     Decoding is greedy through :func:`alignkit.generation.sampling.generate`, so a judge run is
     reproducible and uses the same chat-template rendering as every other sampler.
     """
@@ -22,7 +24,7 @@ class HFJudge(PromptJudge):
 
     def __init__(
         self,
-        model_or_path: Any,
+        name_or_path: Any = None,
         tokenizer: Any = None,
         prompt_templates: Mapping[str, str] | None = None,
         *,
@@ -32,20 +34,29 @@ class HFJudge(PromptJudge):
         parse_fallbacks: Mapping[str, Any] | None = None,
         dtype: str = "auto",
         device: str | None = None,
+        model_or_path: Any = None,
     ) -> None:
         super().__init__(prompt_templates, system_prompt=system_prompt, parse_fallbacks=parse_fallbacks)
+        if (name_or_path is None) == (model_or_path is None):
+            raise ValueError("HFJudge: give the judge model as name_or_path (a folder, smollm2:135m-instruct, or a "
+                             "loaded model with tokenizer=)" + ("" if name_or_path is None else
+                                                                 ", not both name_or_path and model_or_path"))
+        model_or_path = name_or_path if name_or_path is not None else model_or_path
         if isinstance(model_or_path, (str, os.PathLike)):
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
-            model = AutoModelForCausalLM.from_pretrained(model_or_path, dtype=dtype)
+            from alignkit.models import resolve_path
+
+            path = resolve_path(str(model_or_path))
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
             if device is not None:
                 model = model.to(device)
             if tokenizer is None:
-                tokenizer = AutoTokenizer.from_pretrained(model_or_path)
+                tokenizer = AutoTokenizer.from_pretrained(path)
         else:
             model = model_or_path
             if tokenizer is None:
-                raise ValueError("HFJudge: pass tokenizer= when model_or_path is a loaded model")
+                raise ValueError("HFJudge: pass tokenizer= when name_or_path is a loaded model")
         self.model = model
         self.tokenizer = tokenizer
         self.max_new_tokens = max_new_tokens

@@ -8,9 +8,14 @@ prompt → chosen. The loss is stock sigmoid DPO (§2) through the shared
 
 Stages (fingerprinted by all their inputs, atomic, skipped when unchanged):
 
-1. ``balanced_dpo_pairs`` — seeds -> class balance (``legit_seed_ratio``) -> rephrasings
-   -> triplets (:mod:`alignkit.data.dualuse`); counts per class and the rephrasing yield in
-   its report. Rank 0 first under multi-process launches; the others hit the cache.
+1. ``balanced_dpo_pairs`` — seeds -> held-out rows left out (other split; the validation fold,
+   by compound, else seed_id, else prompt; every compound with a held-out row; with
+   ``holdout_eval_compounds``, the compounds the dualuse eval sets name) -> class balance
+   (``legit_seed_ratio``) -> rephrasings -> triplets (:mod:`alignkit.stages.dualuse`); counts per
+   class, the rephrasing yield and ``eval_overlap`` (eval prompts naming a trained compound) in its
+   report; keyed by the loaded rows (file, ``save_to_disk`` folder or hub dataset). Ready pairs
+   without a class column (LibraChemQA's train parquet) take it from the §2 polarity. Rank 0 first
+   under multi-process launches; the others hit the cache.
 2. ``balanced_dpo_sft`` — SFT (``alignkit.training.train_sft_rows``, every rank) on prompt →
    chosen, then the adapter merged (§4 step 6). Keyed by its own data, so rows of the demo
    that differ only in the DPO data share it.
@@ -31,6 +36,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from alignkit.config import LoraConfig, PreferenceOptions, RunConfig, Strict, preference_checks
+from alignkit.config.attack import eval_world_problems, is_world_model
 from alignkit.core.distributed import rank0_first
 from alignkit.core.fingerprint import code_digest
 
@@ -44,8 +50,10 @@ _M = {"dualuse_test:safety": "safety", "dualuse_test:utility": "utility", "dualu
 DEMO = {
     "title": "Balanced DPO: safety / utility / overall on held-out dual-use requests (dualuse_test)",
     "note": "Greedy answers to the world's dual-use TEST prompts (never trained on; the legitimate and "
-            "illegitimate synthesis requests share their wording). Refused = keyword rule OR the world's exact "
-            "judge (hybrid judge, fusion or). The base model was pretrained to comply with every dual-use "
+            "illegitimate synthesis requests share their wording, and the test names the trained compounds: "
+            "the world splits by wording, not by compound). Refused (§6) = keyword rule OR no synthesis route "
+            "in the answer (the world's exact judge: a hazardous or legitimate world procedure; an off-topic "
+            "answer is refused). The base model was pretrained to comply with every dual-use "
             "request. SFT = SFT on prompt → chosen of the balanced pairs; both DPO rows start from that same "
             "(cached) SFT model; 'DPO unbalanced' trains on illegitimate seeds only (legit_seed_ratio 0), "
             "'Balanced DPO' on as many legitimate as illegitimate seeds. The paper's claims are judged on the "
@@ -122,9 +130,14 @@ class SFTConfig(Strict):
 
 class Method(PreferenceOptions):
     data_format: Literal["seeds", "pairs"] = Field("seeds", description="seeds: build pairs; pairs: §3 triplets")
-    seed_split: str | None = Field("train", description="seeds with a 'split' column: keep this split only")
-    holdout_fold: int | None = Field(0, ge=0, le=2, description="leave prompts of this fold (dualuse fold_of) "
-                                                                 "out of training: the validation part")
+    seed_split: str | None = Field("train", description="seeds with a 'split' column: keep this split only "
+                                   "(and, for rows that name a compound, no compound of another split)")
+    holdout_fold: int | None = Field(None, ge=0, le=2, description="leave this fold (dualuse row_fold: by compound, "
+                                     "else seed_id, else prompt) out of training: a validation part, evaluated "
+                                     "with where: {fold: N}; null: train on every fold")
+    holdout_eval_compounds: bool = Field(True, description="leave out of training every seed whose compound is "
+                                         "named in a prompt of a dualuse eval set, so the test measures unseen "
+                                         "compounds, not only unseen wording; the overlap is reported either way")
     legit_seed_ratio: float | None = Field(1.0, ge=0, description="#legitimate / #illegitimate seeds (§10; the "
                                                                   "file names hint 0, 0.5, 1); null: all seeds")
     n_illegitimate_seeds: int | None = Field(None, ge=1, description="cap on illegitimate seeds (null: all)")
@@ -183,10 +196,22 @@ def check_config(cfg: RunConfig, method: Method) -> list[str]:
                         "stage cannot train quantised weights directly; set method.sft.lora (the paper: r 8, "
                         "alpha 16, q_proj/v_proj, §5)")
     j = cfg.eval.judge
+    world = is_world_model(cfg.model.name_or_path)
     if cfg.eval.enabled and isinstance(j, dict) and j.get("backend") == "hybrid":
         from alignkit.judges.hybrid import hybrid_option_problems
 
-        problems += [f"field 'eval.judge': hybrid judge: {p}" for p in hybrid_option_problems(j)]
+        problems += [f"field 'eval.judge': hybrid judge: {p}" for p in hybrid_option_problems(j, world)]
+    if not world:
+        if method.data_format == "seeds" and method.rephrasings_per_field > 1 \
+                and method.rephraser.backend == "templates":
+            problems.append(f"field 'method.rephraser.backend': 'templates' is the tiny world's stand-in (its fixed "
+                            f"wordings), and model {cfg.model.name_or_path!r} is not a world: model; rephrase with "
+                            f"an LLM (rephraser: {{backend: llm, judge: {{backend: http | hf, ...}}}}, §4 step 2) "
+                            f"or set method.rephrasings_per_field: 1")
+        problems += eval_world_problems(cfg)
+    from alignkit.attacks import eval_spec_problems
+
+    problems += eval_spec_problems(cfg)  # jailbreak eval sets' LLMs and judges, built after training
     return problems
 
 
@@ -204,50 +229,112 @@ def _eval_with_prompt_format(cfg: RunConfig, method: Method) -> None:
 
 
 def read_inputs(cfg: RunConfig, method: Method) -> list[dict]:
-    """Validate the training file row by row (file, row, field, reason) — before any model loads."""
+    """Validate the training file row by row (file, row, field, reason) — before any model loads.
+    Ready pairs without a class column get it from the §2 polarity (chosen a refusal: illegitimate)."""
     from alignkit.data import read_rows
     from alignkit.data.dualuse import validate_pair_rows, validate_seed_rows
+    from alignkit.judges.rules import RulesJudge
 
     d = cfg.data
     raw = read_rows(d.train.path, d.train.format, d.train.split, d.max_errors)
     if d.train.limit is not None:
         raw = raw[: d.train.limit]
     if method.data_format == "pairs":
-        return validate_pair_rows(raw, d.train.path, d.train.columns, d.max_errors)
+        return validate_pair_rows(raw, d.train.path, d.train.columns, d.max_errors, refuses=RulesJudge().refuses)
     return validate_seed_rows(raw, d.train.path, d.train.columns, d.max_errors)
 
 
-def _held_out(method: Method, rows: list[dict]) -> tuple[list[dict], dict]:
-    """Rows of ``method.seed_split`` minus the validation fold (``fold_of(prompt) ==
-    holdout_fold``) — for seeds and ready pairs alike, so no validation/test prompt is trained on."""
-    from alignkit.data.dualuse import fold_of
+def eval_prompts(cfg: RunConfig) -> dict[str, list[str]]:
+    """The prompts of every ``dualuse`` eval set, as its task reads them (``where``, ``limit``)."""
+    if not (cfg.eval.enabled and cfg.eval.datasets):
+        return {}
+    from alignkit.config.paths import expand
+    from alignkit.evaluation.tasks import _load_eval_rows
 
-    kept, dropped = [], {"other_split": 0, "holdout_fold": 0}
+    return {name: [r["prompt"] for r in _load_eval_rows(es.task, expand(es.path, cfg.model.name_or_path),
+                                                         es.limit or cfg.eval.limit, es.where)]
+            for name, es in cfg.eval.datasets.items() if es.task == "dualuse"}
+
+
+def compounds_named(names, prompts: list[str]) -> list[set[str]]:
+    """Per prompt, which of ``names`` (compounds, case-insensitive) it names as a whole word."""
+    import re
+
+    names = sorted({n.strip().lower() for n in names if n and n.strip()}, key=len, reverse=True)
+    if not names:
+        return [set() for _ in prompts]
+    rx = re.compile(r"(?<!\w)(" + "|".join(re.escape(n) for n in names) + r")(?!\w)", re.IGNORECASE)
+    return [{m.group(1).lower() for m in rx.finditer(p)} for p in prompts]
+
+
+def _held_out(method: Method, rows: list[dict], named: set[str] | None = None,
+              compound_of=lambda r: r.get("compound")) -> tuple[list[dict], dict]:
+    """Rows of ``method.seed_split`` minus the validation fold — for seeds and ready pairs alike, so no
+    validation / test row is trained on. The fold is by group (``row_fold``: compound, seed_id, prompt),
+    so no rephrasing of a validation seed is trained either. Rows that name a compound in the file are
+    held out with every other row of a held-out compound; with ``holdout_eval_compounds``, so are seeds
+    whose compound (``compound_of``) is in ``named``, the compounds the dualuse eval sets name."""
+    def off_split(r):
+        return method.seed_split is not None and r.get("split") is not None and r["split"] != method.seed_split
+
+    def in_fold(r):
+        return method.holdout_fold is not None and r["fold"] == method.holdout_fold
+
+    held = {str(r["compound"]).strip().lower() for r in rows if r.get("compound") and (off_split(r) or in_fold(r))}
+    kept, dropped = [], {"other_split": 0, "holdout_fold": 0, "held_out_compound": 0, "eval_compound": 0}
     for r in rows:
-        if method.seed_split is not None and r.get("split") is not None and r["split"] != method.seed_split:
+        c = compound_of(r)
+        if off_split(r):
             dropped["other_split"] += 1
-        elif method.holdout_fold is not None and fold_of(r["prompt"]) == method.holdout_fold:
+        elif in_fold(r):
             dropped["holdout_fold"] += 1
+        elif r.get("compound") and str(r["compound"]).strip().lower() in held:
+            dropped["held_out_compound"] += 1
+        elif named and c and c.strip().lower() in named:
+            dropped["eval_compound"] += 1
         else:
             kept.append(r)
     return kept, dropped
 
 
-def _seed_pool(cfg: RunConfig, method: Method, rows: list[dict]) -> tuple[list[dict], dict]:
-    """Seeds of the training split minus the validation fold; compound = the world's product name."""
+def _world_compound(cfg: RunConfig):
+    """A seed's compound: its ``compound`` column, else its ``topic`` (on the tiny world, an illegitimate
+    seed's topic is a hazard and its compound the product: ``HAZARDS``), else None."""
     hazards = {}
     if cfg.model.name_or_path.startswith("world:"):
         from alignkit.world.vocab import HAZARDS
 
         hazards = HAZARDS
-    pool = []
-    kept, dropped = _held_out(method, rows)
-    for r in kept:
-        r = dict(r)
-        if not r.get("compound") and r.get("topic"):
-            r["compound"] = hazards.get(r["topic"], r["topic"]) if not r["is_legitimate"] else r["topic"]
-        pool.append(r)
-    return pool, dropped
+
+    def compound(r: dict) -> str | None:
+        if r.get("compound"):
+            return r["compound"]
+        if r.get("topic"):
+            return hazards.get(r["topic"], r["topic"]) if not r["is_legitimate"] else r["topic"]
+        return None
+
+    return compound
+
+
+def _seed_pool(cfg: RunConfig, method: Method, rows: list[dict], named: set[str] | None = None
+               ) -> tuple[list[dict], dict]:
+    """Seeds of the training split minus the held-out ones (:func:`_held_out`); compound = the world's
+    product name on the tiny world."""
+    compound = _world_compound(cfg)
+    kept, dropped = _held_out(method, rows, named, compound)
+    return [dict(r, compound=compound(r)) for r in kept], dropped
+
+
+def eval_overlap(prompts: dict[str, list[str]], pairs: list[dict]) -> dict:
+    """Per dualuse eval set: its prompts, and how many name a compound the pairs train on (a held-out
+    test should have none: it holds out the compound, not only the wording)."""
+    trained = {p["compound"] for p in pairs if p.get("compound")}
+    out = {}
+    for name, ps in prompts.items():
+        hits = compounds_named(trained, ps)
+        out[name] = {"prompts": len(ps), "name_a_trained_compound": sum(bool(h) for h in hits),
+                     "trained_compounds_named": sorted(set().union(*hits)) if hits else []}
+    return out
 
 
 def _pairs_code_deps(method: Method) -> list:
@@ -270,29 +357,38 @@ def _pairs_code_deps(method: Method) -> list:
 
 def stage_pairs(cfg: RunConfig, method: Method, ratio: float | None) -> Path:
     import alignkit.stages.dualuse as du
-    from alignkit.core.fingerprint import file_digest
+    from alignkit.core.fingerprint import fingerprint
     from alignkit.stages.runner import run_stage
 
     d = cfg.data
-    opts = method.model_dump(include={"data_format", "seed_split", "holdout_fold", "n_illegitimate_seeds",
-                                      "seed_shortfall", "combine_mode", "rephrasings_per_field", "pairs_per_seed",
-                                      "rephraser"})
-    key = {"data": file_digest(d.train.path), "format": d.train.format, "split": d.train.split,
+    opts = method.model_dump(include={"data_format", "seed_split", "holdout_fold", "holdout_eval_compounds",
+                                      "n_illegitimate_seeds", "seed_shortfall", "combine_mode",
+                                      "rephrasings_per_field", "pairs_per_seed", "rephraser"})
+    rows = read_inputs(cfg, method)
+    prompts = eval_prompts(cfg)
+    compound = _world_compound(cfg) if method.data_format == "seeds" else (lambda r: r.get("compound"))
+    named = set().union(*compounds_named({compound(r) for r in rows}, [p for ps in prompts.values() for p in ps])) \
+        if method.holdout_eval_compounds and prompts else set()
+    # Keyed by the loaded rows, not a file digest: a hub dataset or a save_to_disk folder has no file,
+    # and an edited one must not reuse stale pairs.
+    key = {"data": fingerprint("rows", rows), "format": d.train.format, "split": d.train.split,
            "columns": d.train.columns, "limit": d.train.limit, "world": cfg.model.name_or_path.startswith("world:"),
-           "ratio": ratio, "opts": opts, "seed": cfg.seed,
+           "ratio": ratio, "opts": opts, "seed": cfg.seed, "eval_compounds": sorted(named),
            # everything that shapes the pairs: the builder, the row validation, the refusal rule
            # that screens rephrasings, the world's vocabulary, and the judges an LLM rephraser chats through
-           "code": code_digest(du, read_inputs, _held_out, _seed_pool, *_pairs_code_deps(method))}
+           "code": code_digest(du, read_inputs, _held_out, _seed_pool, _world_compound, compounds_named,
+                               eval_overlap, *_pairs_code_deps(method))}
 
     def fn():
-        rows = read_inputs(cfg, method)
         if method.data_format == "pairs":
-            kept, dropped = _held_out(method, rows)
+            kept, dropped = _held_out(method, rows, named)
             pairs, report = du.balance_pairs(kept, legit_seed_ratio=ratio, n_illegitimate=method.n_illegitimate_seeds,
                                              seed_shortfall=method.seed_shortfall, seed=cfg.seed)
             report["seeds"]["left_out"] = dropped
+            report["class_derived_from_chosen"] = sum(r.get("class_source") == "chosen_refusal" for r in rows)
+            report["eval_overlap"] = eval_overlap(prompts, pairs)
             return pairs, report
-        pool, dropped = _seed_pool(cfg, method, rows)
+        pool, dropped = _seed_pool(cfg, method, rows, named)
         spec = method.rephraser.model_dump()
         if spec.get("rephrase_prompt_template"):
             spec["prompt_template"] = spec.pop("rephrase_prompt_template")
@@ -302,6 +398,7 @@ def stage_pairs(cfg: RunConfig, method: Method, ratio: float | None) -> Path:
                                        rephrasings_per_field=method.rephrasings_per_field,
                                        pairs_per_seed=method.pairs_per_seed, rephraser=reph, seed=cfg.seed)
         report["seeds"]["left_out"] = dropped
+        report["eval_overlap"] = eval_overlap(prompts, pairs)
         return pairs, report
 
     return run_stage("balanced_dpo_pairs", key, fn, method.stage_dir)
@@ -470,6 +567,9 @@ def _counts(report: dict, prefix: str = "") -> dict:
     reph = report.get("rephrasing") or {}
     if reph.get("yield") is not None:
         out[f"{prefix}rephrase_yield"] = reph["yield"]
+    for name, o in (report.get("eval_overlap") or {}).items():  # a compound-level test has 0 here
+        out[f"{prefix}eval_prompts_naming_a_trained_compound/{name}"] = \
+            f"{o['name_a_trained_compound']}/{o['prompts']}"
     return out
 
 

@@ -5,10 +5,14 @@ jailbreak-transformed — prompts, ``L_CFT = -Σ_(x,y)∈D_safe Σ_t log π_θ(y
 Data: ``data.train`` prompt → safe-completion rows (the world's ``safety_sft``: harmful → refusal plus
 benign → helpful answer). ``method.attack_variants`` adds, for every row whose ``label`` is harmful,
 one copy per static attack technique (PAP, FlipAttack, ``plain`` = the row itself) with the same safe
-completion — the paper's "450 requests × attack conditions" set (§3, an inference). Non-paper extension
-(§4, off by default): ``replay_dataset`` rows mixed in so that replay makes up ``benign_mix_ratio`` of
-the training set, to keep utility. The mix is a fingerprinted, cached stage (``cft_mix``); its counts go
-to ``cft_report.json`` and ``train_results.json``. Evaluated with the jailbreak eval task before / after.
+completion — the paper's "450 requests × attack conditions" set (§3, an inference). A copy rewrites the
+request (the row's last user turn) and keeps the rest of its chat (``data.system_prompt``, earlier
+turns). PAP on a real model needs an LLM paraphraser (the world's templates are rejected by
+``check_config`` for any model that is not ``world:``); unusable paraphrases are left out and counted.
+Non-paper extension (§4, off by default): ``replay_dataset`` rows mixed in so that replay makes up
+``benign_mix_ratio`` of the training set, to keep utility. The mix is a cached stage (``cft_mix``) keyed
+by the loaded rows (any source: file, ``save_to_disk`` folder, hub dataset); its counts go to
+``cft_report.json`` and ``train_results.json``. Evaluated with the jailbreak eval task before / after.
 """
 
 from __future__ import annotations
@@ -16,11 +20,20 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import Field
 
 from alignkit.config import DataSource, RunConfig, Strict, common_checks
-from alignkit.config.attack import PAP, FlipAttackSpec, Plain
+from alignkit.config.attack import (
+    PAP,
+    FlipAttackSpec,
+    Plain,
+    eval_world_problems,
+    is_world_model,
+    world_standin_problems,
+)
+from alignkit.config.paths import WORLD_VAR
 
 NAME = "cft"
 DATA_KIND = "sft"
@@ -68,10 +81,12 @@ DEMO = {
 
 
 class Method(Strict):
-    attack_variants: list[Plain | PAP | FlipAttackSpec] = Field(
+    attack_variants: list[Annotated[Plain | PAP | FlipAttackSpec, Field(discriminator="name")]] = Field(
         default_factory=lambda: [Plain(name="plain")],
         description="static attack techniques applied to every harmful training prompt, each copy keeping the "
-                    "safe completion (paper: all conditions; PAIR needs a target loop, so it is not offered)")
+                    "safe completion (paper: all conditions; PAIR needs a target loop, so it is not offered). "
+                    "PAP on a real model: an LLM paraphraser (paraphraser: {backend: http | hf, kwargs: ...}); "
+                    "its unusable paraphrases are left out and counted")
     harmful_label: str = Field("harmful", description="rows whose `label` equals this get attack variants "
                                                       "(rows without a label column: every row)")
     replay_dataset: DataSource | None = Field(None, description="non-paper extension: benign / utility SFT rows")
@@ -87,10 +102,20 @@ def check_config(cfg: RunConfig, method: Method) -> list[str]:
     labels = [t.label or t.default_label() for t in method.attack_variants]
     if len(set(labels)) != len(labels):
         problems.append(f"field 'method.attack_variants': repeated techniques {labels}")
-    for t in method.attack_variants:
-        if getattr(t, "paraphraser", None) is not None and t.paraphraser.backend != "template":
-            problems.append("field 'method.attack_variants': LLM paraphrasers are not supported in the training "
-                            "mix (write the paraphrased rows to a file and train on it)")
+    if not is_world_model(cfg.model.name_or_path):
+        # the tiny world's stand-ins would train a real model on the world's persuasion sentences
+        problems += world_standin_problems(method.attack_variants, "method.attack_variants",
+                                           f"model {cfg.model.name_or_path!r}")
+        if method.benign_mix_ratio > 0 and method.replay_dataset is not None \
+                and WORLD_VAR in method.replay_dataset.path:
+            problems.append(f"field 'method.replay_dataset.path': {method.replay_dataset.path!r} is the tiny "
+                            f"world's data, and model {cfg.model.name_or_path!r} is not a world: model; give "
+                            f"your own replay rows (SFT prompt / completion)")
+        problems += eval_world_problems(cfg)
+    # attack LLMs and per-set rubric judges are built when they run (the eval: after training)
+    from alignkit.attacks import eval_spec_problems, llm_spec_problems
+
+    problems += llm_spec_problems(method.attack_variants, "method.attack_variants") + eval_spec_problems(cfg)
     # eval.datasets.*.options are validated with the config (alignkit.config.EvalSet); a rubric_template
     # needs an LLM rubric judge, which only the run's judge settings tell
     for name, es in cfg.eval.datasets.items():
@@ -102,27 +127,60 @@ def check_config(cfg: RunConfig, method: Method) -> list[str]:
     return problems
 
 
-def _variant_prompt(tech, request: str) -> list[dict]:
-    p = tech.rewrite([request])[0].prompt
-    return [{"role": "user", "content": p}] if isinstance(p, str) else p
+def variant_prompt(context: list[dict], attack) -> list[dict]:
+    """A training row's chat with its last user turn replaced by an attack prompt (a string, or
+    FlipAttack's [system, user] turns): the row's earlier turns and its system prompt
+    (``data.system_prompt``) stay. An attack's system turn is appended to the row's own system turn —
+    one system turn, the deployment's first — because chat templates take one, at the start."""
+    turns = [{"role": "user", "content": attack}] if isinstance(attack, str) else [dict(m) for m in attack]
+    sys_attack = [m["content"] for m in turns if m["role"] == "system"]
+    rest = [m for m in turns if m["role"] != "system"]
+    ctx = [dict(m) for m in context]
+    if sys_attack:
+        if ctx and ctx[0]["role"] == "system":
+            ctx[0]["content"] = "\n\n".join([ctx[0]["content"], *sys_attack])
+        else:
+            ctx = [{"role": "system", "content": "\n\n".join(sys_attack)}, *ctx]
+    return [*ctx, *rest]
 
 
 def build_mix(rows: list[dict], replay: list[dict] | None, method: Method, seed: int) -> tuple[list[dict], dict]:
-    """Safety rows (+ attack variants of the harmful ones) and replay rows, shuffled with ``seed``."""
+    """Safety rows (+ attack variants of the harmful ones) and replay rows, shuffled with ``seed``.
+
+    A variant rewrites the request (the row's last user turn) and keeps the rest of the row's chat.
+    Each technique rewrites all harmful requests in one batch (an LLM paraphraser: one batched call);
+    an unusable paraphrase (``fallback``: the attack would be the plain request again) is left out and
+    counted in ``fallback/<technique>``."""
     from alignkit.attacks import build_technique
 
     techs = [build_technique(t, seed=seed) for t in method.attack_variants]
-    out, counts = [], {"safety_rows": len(rows), "harmful_rows": 0}
+    counts: dict = {"safety_rows": len(rows), "harmful_rows": 0}
+
+    def attackable(r: dict) -> bool:  # a harmful row that ends in the request (a user turn)
+        return r.get("label", method.harmful_label) == method.harmful_label and bool(r["prompt"]) \
+            and r["prompt"][-1]["role"] == "user"
+
+    harmful = [r for r in rows if attackable(r)]
+    counts["harmful_rows"] = len(harmful)
+    requests = [r["prompt"][-1]["content"] for r in harmful]
+    rewrites = {}
+    for t in techs:
+        if t.spec.name != "plain":
+            rewrites[t.label] = t.rewrite(requests)
+            counts[f"fallback/{t.label}"] = sum(p.fallback for p in rewrites[t.label])
+    out, k = [], 0
     for r in rows:
-        harmful = r.get("label", method.harmful_label) == method.harmful_label
-        if not harmful:
+        if not attackable(r):
             out.append({**r, "variant": "as_is"})
             continue
-        counts["harmful_rows"] += 1
-        request = r["prompt"][-1]["content"]
         for t in techs:
-            out.append({**r, "prompt": r["prompt"] if t.spec.name == "plain" else _variant_prompt(t, request),
-                        "variant": t.label})
+            if t.spec.name == "plain":
+                out.append({**r, "variant": t.label})
+                continue
+            p = rewrites[t.label][k]
+            if not p.fallback:
+                out.append({**r, "prompt": variant_prompt(r["prompt"][:-1], p.prompt), "variant": t.label})
+        k += 1
     counts["safety_examples"] = len(out)
     n_replay = 0
     if replay and method.benign_mix_ratio > 0:
@@ -148,7 +206,7 @@ def mix_code_digest() -> str:
     import alignkit.world.jailbreak as W
     from alignkit.core.fingerprint import code_digest
 
-    return code_digest(build_mix, _variant_prompt, A, F, P, W)
+    return code_digest(build_mix, variant_prompt, A, F, P, W)
 
 
 def check_eval_sets(cfg: RunConfig) -> None:
@@ -170,7 +228,7 @@ def check_eval_sets(cfg: RunConfig) -> None:
 
 def train(cfg: RunConfig, callbacks=()) -> Path:
     from alignkit.core.distributed import is_main_process
-    from alignkit.core.fingerprint import file_digest
+    from alignkit.core.fingerprint import fingerprint
     from alignkit.core.io import atomic_write_text, read_jsonl
     from alignkit.data import load_rows, tokenize_rows
     from alignkit.evaluation import evaluate_after_training
@@ -189,10 +247,11 @@ def train(cfg: RunConfig, callbacks=()) -> Path:
         method.replay_dataset.path = expand(method.replay_dataset.path, cfg.model.name_or_path)
         replay = load_rows(method.replay_dataset, DATA_KIND, cfg.data.max_errors, cfg.data.system_prompt)
     d = cfg.data
-    key = {"train": file_digest(d.train.path) if Path(d.train.path).is_file() else d.train.path,
-           "train_source": d.train.model_dump(mode="json"), "system_prompt": d.system_prompt,
-           "max_errors": d.max_errors,
-           "replay": None if replay is None else [file_digest(method.replay_dataset.path),
+    # Keyed by the loaded rows, not the path: a hub dataset or a save_to_disk folder has no file to
+    # digest, and an edited one must not reuse a stale mix.
+    key = {"train": fingerprint("rows", rows), "train_source": d.train.model_dump(mode="json"),
+           "system_prompt": d.system_prompt, "max_errors": d.max_errors,
+           "replay": None if replay is None else [fingerprint("rows", replay),
                                                   method.replay_dataset.model_dump(mode="json")],
            "method": method.model_dump(mode="json"), "seed": cfg.seed, "code": mix_code_digest()}
     report: dict = {}

@@ -96,20 +96,35 @@ class RehearsalConfig(Strict):
     seed: int = Field(0, description="subsampling seed (code: 0 TriviaQA, 42 MMLU)")
     target: Literal["model_majority", "gold"] = Field(
         "model_majority", description="OEQA target: the model's most frequent correct sample, or the gold answer")
+    prompt_template: str = Field("{question}", description="user turn of the rehearsal rows (the code: the bare "
+                                                             "question, BASIC1)")
     learning_rate: float = Field(2e-6, gt=0)
     num_train_epochs: float = Field(3.0, gt=0)
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(16, ge=1, description="rows per forward pass")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="forward passes per optimiser step")
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     lr_scheduler_type: Literal["cosine", "linear"] = "cosine"
     lora: LoraConfig | None = Field(None, description="rehearse a LoRA adapter instead of all weights")
+
+
+class Shot(Strict):
+    """An in-context example of the knowledge query: an earlier user turn and the answer."""
+
+    question: str
+    answer: str
 
 
 class Method(Strict):
     variant: Literal["craft", "van", "cor_rait", "corcer_rait", "craft_no_certainty"] = Field(
         "craft", description="craft | van (Van-Tuning) | cor_rait | corcer_rait (w/o Flow) | craft_no_certainty")
     task: Literal["oeqa", "mcqa"] = "oeqa"
-    prompt_template: str = Field("{question}", description="user turn for query, rehearsal and RAIT rows")
+    prompt_template: str = Field("{question}", description="user turn of the RAIT rows and of the evaluation "
+                                                            "(the code: REFUSE1)")
     # knowledge-state query (§5.1)
+    query_template: str | None = Field(None, description="user turn of the knowledge query and re-query (the code: "
+                                                         "BASIC2 'as simple as possible'); null = prompt_template")
+    query_shots: list[Shot] = Field(default_factory=list, description="in-context examples before the query, as "
+                                                                      "earlier chat turns (the code: 3 dev items)")
     num_samples: int = Field(10, ge=2)
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
@@ -120,7 +135,14 @@ class Method(Strict):
     embedder: dict = Field(default_factory=lambda: {"backend": "minilm"},
                            description="certainty embedder: minilm (default) | sentence_transformers | hashing")
     mc_options: int = Field(4, ge=2, le=10)
-    mcqa_certainty_probs: Literal["raw", "normalised"] = "raw"
+    # craft.md §5.1 / §9.5: the code reads the letters' raw probabilities after "Answer:" on a
+    # base-model (completion) prompt, where they take nearly all the mass. After a chat prompt
+    # they may take 5%: raw entropy then calls that item more certain than a confident one.
+    mcqa_prompt_format: Literal["chat", "completion"] = Field(
+        "chat", description="chat template + generation prompt, or the code's plain text ending in 'Answer:'")
+    mcqa_certainty_probs: Literal["raw", "normalised"] = Field(
+        "normalised", description="entropy of the letters renormalised over the options, or of their raw "
+                                  "probabilities (the code; only with mcqa_prompt_format: completion)")
     rehearsal: RehearsalConfig = Field(default_factory=RehearsalConfig)
     use_delta_sigma: Literal[False] = Field(False, description="Δσ is defined by the paper but unused (§9.7)")
     # selection (Algorithm 1, §5.5)
@@ -139,6 +161,13 @@ class Method(Strict):
     vanilla_target: Literal["gold", "model_majority"] = Field(
         "gold", description="vanilla rows keep the gold answer (code), or the model's own majority answer")
     completion_only_loss: bool = True
+    # evaluation (§5.7): the trained model is asked with prompt_template; the THS reference point
+    reference_template: str = Field("{question}", description="user turn the INITIAL model is evaluated with for "
+                                                              "THS's (P_c0, P_w0): the paper's Init-Basic = the "
+                                                              "bare question")
+    eval_refusal_phrase: str | None = Field(
+        None, description="an eval answer is a refusal iff it contains this phrase (the code: \"I don't know\"); "
+                          "null = the eval judge's refusal notion")
     stage_dir: str | None = None
 
     @model_validator(mode="after")
@@ -146,9 +175,26 @@ class Method(Strict):
         if self.tau_idk > self.tau_van:
             raise ValueError(f"tau_idk ({self.tau_idk}) must be <= tau_van ({self.tau_van}): an item cannot be "
                              "both known and unknown")
-        if "{question}" not in self.prompt_template:
-            raise ValueError("prompt_template must contain '{question}'")
+        for name in ("prompt_template", "query_template", "reference_template"):
+            t = getattr(self, name)
+            if t is not None:
+                _check_template(t, name)
+        _check_template(self.rehearsal.prompt_template, "rehearsal.prompt_template")
+        if self.mcqa_certainty_probs == "raw" and self.mcqa_prompt_format == "chat":
+            raise ValueError("mcqa_certainty_probs 'raw' needs mcqa_prompt_format 'completion': after a chat prompt "
+                             "the option letters can take a few % of the probability mass, and the entropy of raw "
+                             "probabilities then ranks such an item as more certain than a confident one; use "
+                             "'normalised', or the code's completion prompt ending in 'Answer:'")
         return self
+
+
+def _check_template(t: str, name: str) -> None:
+    try:
+        ok = "{question}" in t and t.format(question="") is not None
+    except (KeyError, IndexError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"{name} must contain '{{question}}' and no other format fields, got {t!r}")
 
 
 def check_config(cfg: RunConfig, method: Method) -> list[str]:
@@ -162,7 +208,50 @@ def check_config(cfg: RunConfig, method: Method) -> list[str]:
     if backend not in ("minilm", "sentence_transformers", "hashing"):
         problems.append(f"field 'method.embedder.backend': unknown {backend!r}; valid: minilm, "
                         "sentence_transformers, hashing")
+    if method.variant in _FLOW and cfg.model.quantization is not None and method.rehearsal.lora is None:
+        problems.append("field 'method.rehearsal.lora': the model is 4-bit (model.quantization), so the rehearsal "
+                        "cannot fine-tune all its weights; give a rehearsal adapter, e.g. {r: 64, alpha: 16, "
+                        "dropout: 0.1} (the paper's MCQA rehearsal)")
+    problems += eval_options(cfg, method)[1]
     return problems
+
+
+def recipe_qa_options(method: Method) -> dict:
+    """What every qa eval set of this recipe uses: the RAIT prompt (the model is evaluated as it
+    was trained), and the refusal phrase when one is set."""
+    out = {"question_template": method.prompt_template}
+    if method.eval_refusal_phrase:
+        out.update(abstain_phrase=method.eval_refusal_phrase, abstain_match="substring")
+    return out
+
+
+def eval_options(cfg: RunConfig, method: Method, reference: bool = False) -> tuple[dict[str, dict], list[str]]:
+    """``{qa eval set: options}`` with the recipe's filled in, and the problems: options written in
+    the config that disagree with ``method``. ``reference``: the options of the initial model's
+    evaluation (THS's reference point), asked with ``method.reference_template``."""
+    from alignkit.config.tasks import qa_options
+
+    want = recipe_qa_options(method)
+    out: dict[str, dict] = {}
+    problems: list[str] = []
+    for name, es in cfg.eval.datasets.items():
+        if es.task != "qa":
+            continue
+        where = f"eval.datasets.{name}.options"
+        try:
+            have = qa_options(es.options, where)
+        except ValueError as e:
+            problems.append(f"field {e}")
+            continue
+        for k, v in want.items():
+            if k in have and have[k] != v:
+                src = {"question_template": "prompt_template", "abstain_phrase": "eval_refusal_phrase"}.get(k, k)
+                problems.append(f"field '{where}.{k}': {have[k]!r} differs from method.{src} {v!r} (the model is "
+                                "trained on one and would be evaluated on the other); drop it or make them equal")
+        out[name] = {**have, **want}
+        if reference:
+            out[name]["question_template"] = method.reference_template
+    return out, problems
 
 
 # ---------------------------------------------------------------- selection (Algorithm 1)
@@ -284,20 +373,45 @@ def select(table: list[dict], method: Method, variant: str | None = None) -> tup
 # ---------------------------------------------------------------- prepare stages
 
 
+def _query_prompt(method: Method, question: str):
+    """The knowledge query's prompt: the in-context examples as earlier turns (the code's 3-shot
+    rounds, craft.md §5.1), then the question in ``query_template``. A string when there are no
+    examples; a completion-format MC prompt is plain text throughout."""
+    tmpl = method.query_template or method.prompt_template
+    if method.task == "mcqa" and method.mcqa_prompt_format == "completion":
+        shots = "".join(f"{tmpl.format(question=s.question)} {s.answer}\n\n" for s in method.query_shots)
+        return shots + tmpl.format(question=question)
+    if not method.query_shots:
+        return tmpl.format(question=question)
+    turns = []
+    for s in method.query_shots:
+        turns += [{"role": "user", "content": tmpl.format(question=s.question)},
+                  {"role": "assistant", "content": s.answer}]
+    return turns + [{"role": "user", "content": tmpl.format(question=question)}]
+
+
 def _query_rows(cfg: RunConfig, method: Method) -> list[dict]:
+    """QA rows with their ``qid``, the query prompt, the RAIT prompt and (MCQA) their options:
+    multiple-choice rows as given (MMLU's {question, A..D, target}), or built from QA rows."""
     from alignkit.data import load_rows
 
-    rows = load_rows(cfg.data.train, "qa", cfg.data.max_errors)
+    rows = None
+    if method.task == "mcqa":
+        from alignkit.stages.knowledge import build_mc_items, read_mc_rows
+
+        rows = read_mc_rows(cfg.data.train, method.mc_options, method.mcqa_prompt_format, cfg.data.max_errors)
+        if rows is None:
+            qa = load_rows(cfg.data.train, "qa", cfg.data.max_errors)
+            rows = build_mc_items(qa, _world_values(cfg), method.mc_options, seed=method.seed_subsample,
+                                  prompt_format=method.mcqa_prompt_format)
+    else:
+        rows = load_rows(cfg.data.train, "qa", cfg.data.max_errors)
     for i, r in enumerate(rows):
         r["qid"] = i
-        r["prompt"] = method.prompt_template.format(question=r["question"])
-    if method.task == "mcqa":
-        from alignkit.stages.knowledge import build_mc_items
-
-        values = _world_values(cfg)
-        rows = build_mc_items(rows, values, method.mc_options, seed=method.seed_subsample)
-        for r in rows:
-            r["prompt"] = method.prompt_template.format(question=r["mc_prompt"])
+        text = r["mc_prompt"] if method.task == "mcqa" else r["question"]
+        r["query_prompt"] = _query_prompt(method, text)
+        r["prompt"] = method.prompt_template.format(question=text)
+        r["rehearsal_prompt"] = method.rehearsal.prompt_template.format(question=text)
     return rows
 
 
@@ -315,11 +429,18 @@ def _query(model, tok, rows: list[dict], method: Method, seed: int, embedder) ->
 
     if method.task == "mcqa":
         return mc_knowledge_state(model, tok, rows, batch_size=method.gen_batch_size,
-                                  certainty_probs=method.mcqa_certainty_probs, prompt_key="prompt")
+                                  certainty_probs=method.mcqa_certainty_probs, prompt_key="query_prompt",
+                                  prompt_format=method.mcqa_prompt_format)
     return oe_knowledge_state(model, tok, rows, n=method.num_samples, temperature=method.temperature,
                               top_p=method.top_p, max_new_tokens=method.max_new_tokens,
                               batch_size=method.gen_batch_size, seed=seed, embedder=embedder,
-                              match=method.correctness_match, refusal_keywords=method.refusal_keywords)
+                              match=method.correctness_match, refusal_keywords=method.refusal_keywords,
+                              prompt_key="query_prompt")
+
+
+_QUERY_OPTIONS = {"task", "prompt_template", "query_template", "query_shots", "num_samples", "temperature", "top_p",
+                  "max_new_tokens", "gen_batch_size", "correctness_match", "refusal_keywords", "embedder",
+                  "mc_options", "mcqa_prompt_format", "mcqa_certainty_probs", "seed_subsample"}
 
 
 def _query_key(cfg: RunConfig, method: Method) -> dict:
@@ -329,23 +450,31 @@ def _query_key(cfg: RunConfig, method: Method) -> dict:
     from alignkit.models import resolve_path
 
     m, d = cfg.model, cfg.data
-    q = method.model_dump(include={"task", "prompt_template", "num_samples", "temperature", "top_p",
-                                   "max_new_tokens", "gen_batch_size", "correctness_match", "refusal_keywords",
-                                   "embedder", "mc_options", "mcqa_certainty_probs", "seed_subsample"})
+    q = method.model_dump(include=_QUERY_OPTIONS)
+    q["rehearsal_prompt"] = method.rehearsal.prompt_template  # part of the rows the stage writes
     if method.task == "mcqa":
         q.pop("embedder")
     # The open-ended query samples through cfg.generation (alignkit.generation.backends); the multiple-choice
     # query reads option log-probs from the local model's logits.
     if method.task == "oeqa":
-        from alignkit.generation.backends import sampler_fingerprint
+        import alignkit.generation.backends as gb
 
-        model_key = sampler_fingerprint(cfg)
+        model_key = gb.sampler_fingerprint(cfg)
+        q["embedder_files"] = build_embedder_name(method.embedder)
+        code = code_digest(kn, emb, gb, _query_rows, _query_prompt, _query)
     else:
         model_key = source_fingerprint(resolve_path(m.name_or_path), m.revision)
+        code = code_digest(kn, _query_rows, _query_prompt, _query)
     return {"model": model_key, "dtype": m.dtype,
             "data": file_digest(d.train.path), "format": d.train.format, "split": d.train.split,
-            "columns": d.train.columns, "limit": d.train.limit, "query": q, "seed": cfg.seed,
-            "code": code_digest(kn, emb, _query_rows, _query)}
+            "columns": d.train.columns, "limit": d.train.limit, "query": q, "seed": cfg.seed, "code": code}
+
+
+def build_embedder_name(spec: dict) -> str:
+    """The certainty embedder's identity: its name carries the digest of its model folder."""
+    from alignkit.judges.embedding import build_embedder
+
+    return build_embedder(spec).name
 
 
 def stage_query(cfg: RunConfig, method: Method) -> Path:
@@ -355,12 +484,26 @@ def stage_query(cfg: RunConfig, method: Method) -> Path:
         from alignkit.generation.backends import load_sampler
         from alignkit.judges.embedding import build_embedder
         from alignkit.models import load_for_sampling
+        from alignkit.stages.knowledge import release_memory
 
         rows = _query_rows(cfg, method)
         model, tok = load_sampler(cfg, method.stage_dir) if method.task == "oeqa" else load_for_sampling(cfg.model)
         embedder = build_embedder(method.embedder) if method.task == "oeqa" else None
         ks = _query(model, tok, rows, method, cfg.seed, embedder)
-        return [{**r, **k, "mu0": k["mu"], "sigma0": k["sigma"]} for r, k in zip(rows, ks)]
+        del model
+        release_memory()
+        out = [{**r, **k, "mu0": k["mu"], "sigma0": k["sigma"]} for r, k in zip(rows, ks)]
+        report = {"items": len(out)}
+        if method.task == "mcqa":
+            import statistics
+
+            mass = [k["letter_mass"] for k in ks]
+            report["letter_mass_median"] = statistics.median(mass) if mass else None
+            if mass and report["letter_mass_median"] < 0.5:
+                log.warning("craft mcqa query: the option letters take a median %.1f%% of the next-token "
+                            "probability; the model does not answer with a letter here (check the prompt)",
+                            100 * report["letter_mass_median"])
+        return out, report
 
     return run_stage("craft_query", _query_key(cfg, method), fn, method.stage_dir)
 
@@ -384,12 +527,26 @@ def _rehearsal_rows(table: list[dict], method: Method) -> list[dict]:
             target = majority_correct(r["samples"], r["sample_is_correct"]) or r["answers"][0]
         else:
             target = r["answers"][0]
-        out.append({"qid": r["qid"], "prompt": [{"role": "user", "content": r["prompt"]}], "completion": target})
+        # the code rehearses on the bare question (BASIC1), not the query's few-shot prompt
+        out.append({"qid": r["qid"], "prompt": [{"role": "user", "content": r["rehearsal_prompt"]}],
+                    "completion": target})
     return out
 
 
+def _idk_candidates(table: list[dict], method: Method) -> list[dict]:
+    """The items whose Δμ the selection reads: μ0 ≤ τ_idk (Algorithm 1's D_idk¹ condition)."""
+    return [r for r in table if r["mu0"] is not None and r["mu0"] <= method.tau_idk + 1e-12]
+
+
 def stage_rehearse(cfg: RunConfig, method: Method, query_path: Path) -> Path:
-    """Rehearsal fine-tune of M0 on known items, then the same query: μ(M̃) per item."""
+    """Rehearsal fine-tune of M0 on known items; Δμ = μ(M̃) − μ(M0) on the IdK candidates.
+
+    Both μ come from this process, the same local model in the same dtype, on the same prompts
+    in the same batches with the same seeds — M0 queried right before the fine-tune, M̃ right
+    after. The first query (``craft_query``) may come from an endpoint (its own precision and
+    RNG): an item the rehearsal left unchanged would then get a random Δμ (sd ≈ 0.2 at μ = 0.3,
+    N = 10) and turn IdK by chance. Only the candidates (μ0 ≤ τ_idk) are queried twice: Δμ is
+    read nowhere else, and they are a fraction of the pool."""
     import alignkit.stages.knowledge as kn
     from alignkit.core.fingerprint import file_digest
     from alignkit.core.io import read_jsonl
@@ -398,14 +555,13 @@ def stage_rehearse(cfg: RunConfig, method: Method, query_path: Path) -> Path:
     # The re-query uses the same options as the first query (judge, prompts, sampling): key on them too,
     # so a changed option never reuses a stale Δμ even when M0's query file is byte-identical.
     key = {"query": file_digest(query_path), "query_options": _query_key(cfg, method)["query"],
-           "rehearsal": method.rehearsal.model_dump(),
+           "rehearsal": method.rehearsal.model_dump(), "tau_idk": method.tau_idk,
            "max_length": cfg.data.max_length, "seed": cfg.seed, "model": cfg.model.model_dump(),
-           "code": code_digest(kn, _rehearsal_rows, stage_rehearse, _query)}
+           "amp": [cfg.train.bf16, cfg.train.fp16],
+           "code": code_digest(kn, _rehearsal_rows, _idk_candidates, stage_rehearse, _query, _rehearsal_model)}
 
     def fn():
         import torch
-
-        from alignkit.models import load_for_sampling
 
         table = read_jsonl(query_path)
         reh = _rehearsal_rows(table, method)
@@ -413,35 +569,47 @@ def stage_rehearse(cfg: RunConfig, method: Method, query_path: Path) -> Path:
             raise ValueError(f"rehearsal: no item has mu >= {method.rehearsal.mu_min}"
                              + ("" if method.task == "mcqa" else f" and sigma >= {method.rehearsal.sigma_min}")
                              + "; lower method.rehearsal.mu_min / sigma_min")
+        cands = _idk_candidates(table, method)
         torch.manual_seed(cfg.seed)
-        model, tok = load_for_sampling(cfg.model)
-        if method.rehearsal.lora is None and model.dtype != torch.float32:
-            # Full-weight AdamW steps of lr ~1e-6 round away on bf16/fp16 weights (Δμ would be ~0):
-            # rehearse on fp32 weights, or give method.rehearsal.lora (adapters train in fp32).
-            log.warning("rehearsal: %s weights upcast to float32 for the fine-tune", model.dtype)
-            model = model.float()
-        if method.rehearsal.lora is not None:
-            from peft import LoraConfig as PeftLora
-            from peft import get_peft_model
-
-            lc = method.rehearsal.lora
-            model = get_peft_model(model, PeftLora(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
-                                                   target_modules=lc.target_modules, task_type="CAUSAL_LM"))
+        model, tok = _rehearsal_model(cfg, method)
+        before = _query(model, tok, cands, method, cfg.seed, None)  # M0, here, as M̃ will be queried
         h = method.rehearsal
+        amp = torch.bfloat16 if cfg.train.bf16 else torch.float16 if cfg.train.fp16 else None
         stats = kn.brief_finetune(model, tok, reh, learning_rate=h.learning_rate, epochs=h.num_train_epochs,
-                                  batch_size=h.batch_size, max_length=cfg.data.max_length, seed=cfg.seed,
-                                  warmup_ratio=h.warmup_ratio, scheduler=h.lr_scheduler_type)
-        ks = _query(model, tok, table, method, cfg.seed, None)  # Δσ is unused (§9.7): no embedding
-        rows = [{"qid": r["qid"], "mu_reh": k["mu"], "delta_mu": k["mu"] - r["mu0"],
-                 **({"samples_reh": k["samples"]} if "samples" in k else {})} for r, k in zip(table, ks)]
-        gained = sum(r["delta_mu"] > 0 for r, t in zip(rows, table) if t["mu0"] < 0.5)
-        low = sum(t["mu0"] < 0.5 for t in table)
-        report = {"rehearsal_items": len(reh), **stats,
-                  "low_mu_items_improved": f"{gained}/{low}"}  # the paper's MMLU figure: 69%
+                                  batch_size=h.batch_size, grad_accum=h.gradient_accumulation_steps,
+                                  max_length=cfg.data.max_length, seed=cfg.seed, warmup_ratio=h.warmup_ratio,
+                                  scheduler=h.lr_scheduler_type, autocast_dtype=amp)
+        after = _query(model, tok, cands, method, cfg.seed, None)  # Δσ is unused (§9.7): no embedding
+        del model
+        kn.release_memory()
+        rows = [{"qid": r["qid"], "mu0_local": k0["mu"], "mu_reh": k1["mu"], "delta_mu": k1["mu"] - k0["mu"],
+                 **({"samples_reh": k1["samples"]} if "samples" in k1 else {})}
+                for r, k0, k1 in zip(cands, before, after)]
+        gained = sum(r["delta_mu"] > 0 for r in rows)
+        report = {"rehearsal_items": len(reh), "requeried": len(cands), **stats,
+                  "low_mu_items_improved": f"{gained}/{len(rows)}"}  # the paper's MMLU figure: 69%
         log.info("craft rehearsal: %s", report)
         return rows, report
 
     return run_stage("craft_rehearse", key, fn, method.stage_dir)
+
+
+def _rehearsal_model(cfg: RunConfig, method: Method):
+    """M0 as the rehearsal trains it: loaded by the training loader (attention kernel, gradient
+    checkpointing, 4-bit base) with ``rehearsal.lora`` as its adapter (none: all weights, upcast
+    to float32 — AdamW steps of lr ~1e-6 round away on bf16 weights), on this process's GPU."""
+    import torch
+
+    from alignkit.models import load_model, load_tokenizer
+
+    mc = cfg.model.model_copy(update={"lora": method.rehearsal.lora})
+    model = load_model(mc)
+    if method.rehearsal.lora is None and model.dtype != torch.float32:
+        log.warning("rehearsal: %s weights upcast to float32 for the fine-tune", model.dtype)
+        model = model.float()
+    if torch.cuda.is_available() and mc.quantization is None:
+        model = model.to(f"cuda:{torch.cuda.current_device()}")
+    return model.eval(), load_tokenizer(mc)
 
 
 def _rait_row(r: dict, method: Method) -> dict:
@@ -479,10 +647,10 @@ def stage_select(cfg: RunConfig, method: Method, query_path: Path | None, rehear
             table = read_jsonl(query_path)
         else:  # Van-Tuning needs no knowledge state
             table = _query_rows(cfg, method)
-        if rehearse_path is not None:
+        if rehearse_path is not None:  # Δμ of the IdK candidates (the others never read it)
             flow = {r["qid"]: r for r in read_jsonl(rehearse_path)}
             for r in table:
-                r.update({k: v for k, v in flow[r["qid"]].items() if k != "samples_reh"})
+                r.update({k: v for k, v in flow.get(r["qid"], {}).items() if k != "samples_reh"})
         for r in table:
             r.setdefault("mu", r.get("mu0"))
             r.setdefault("sigma", r.get("sigma0"))
@@ -492,17 +660,42 @@ def stage_select(cfg: RunConfig, method: Method, query_path: Path | None, rehear
     return run_stage("craft_select", key, fn, method.stage_dir)
 
 
+def reference_eval_config(cfg: RunConfig, method: Method):
+    """The eval config of the initial model's run: every qa set asked with
+    ``method.reference_template`` (the paper's THS reference is Init-Basic, the bare question),
+    refusals detected as for the trained model."""
+    ecfg = cfg.eval.model_copy(deep=True)
+    opts, problems = eval_options(cfg, method, reference=True)
+    if problems:
+        from alignkit.config import ConfigError
+
+        raise ConfigError("; ".join(problems))
+    for name, o in opts.items():
+        ecfg.datasets[name].options = o
+    return ecfg
+
+
 def stage_initial_eval(cfg: RunConfig, method: Method) -> Path:
-    """The initial model on the eval sets (greedy, same judge and seed as the run's eval)."""
+    """The initial model on the eval sets (greedy, same judge and seed as the run's eval), asked
+    with ``method.reference_template``: THS's reference point (P_c0, P_w0)."""
+    import alignkit.evaluation.run as ev_run
     import alignkit.evaluation.tasks as ev
+    import alignkit.generation.sampling as sm
+    import alignkit.metrics as metrics
+    import alignkit.metrics.records as records
     from alignkit.core.fingerprint import file_digest, source_fingerprint
     from alignkit.models import resolve_path
+    from alignkit.stages.knowledge import judges_code_digest
     from alignkit.stages.runner import run_stage
 
     m = cfg.model
+    ecfg = reference_eval_config(cfg, method)
     key = {"model": source_fingerprint(resolve_path(m.name_or_path), m.revision), "dtype": m.dtype,
-           "eval": cfg.eval.model_dump(), "files": {k: file_digest(e.path) for k, e in cfg.eval.datasets.items()},
-           "seed": cfg.seed, "code": code_digest(ev)}
+           "eval": ecfg.model_dump(), "files": {k: file_digest(e.path) for k, e in ecfg.datasets.items()},
+           "seed": cfg.seed,
+           # everything between the model and the records: generation, the tasks, the metrics, and
+           # the judges (a changed refusal pattern changes P_w0, hence every THS)
+           "code": code_digest(ev, ev_run, sm, metrics, records), "judges": judges_code_digest()}
 
     def fn():
         import tempfile
@@ -511,14 +704,17 @@ def stage_initial_eval(cfg: RunConfig, method: Method) -> Path:
         from alignkit.judges import build_eval_judge
         from alignkit.metrics.records import read_records
         from alignkit.models import load_for_sampling
+        from alignkit.stages.knowledge import release_memory
 
         model, tok = load_for_sampling(m)  # the configured revision, as the key says
-        judge = build_eval_judge(cfg.eval.judge, m.name_or_path)
+        judge = build_eval_judge(ecfg.judge, m.name_or_path)
         with tempfile.TemporaryDirectory() as td:
-            res = evaluate_model(model, tok, cfg.eval, judge, Path(td), seed=cfg.seed)
+            res = evaluate_model(model, tok, ecfg, judge, Path(td), seed=cfg.seed)
             # only the sets evaluate_model ran (``eval.run`` may select a subset of eval.datasets)
             rows = [{"eval_set": name, **r} for name in res["eval"]
                     for r in read_records(Path(td) / f"eval_{name}.jsonl")]
+        del model
+        release_memory()
         return rows, {"eval": res["eval"]}
 
     return run_stage("craft_initial_eval", key, fn, method.stage_dir)
@@ -549,9 +745,15 @@ def train(cfg: RunConfig, callbacks=()) -> Path:
 
     method = Method.model_validate(cfg.method)
     expand_config(cfg)
-    from alignkit.data import load_rows
+    # the trained model is evaluated as it was trained: the RAIT prompt (and the refusal phrase)
+    opts, problems = eval_options(cfg, method)
+    if problems:
+        from alignkit.config import ConfigError
 
-    load_rows(cfg.data.train, "qa", cfg.data.max_errors)  # bad rows fail here, before any model loads
+        raise ConfigError("; ".join(problems))
+    for name, o in opts.items():
+        cfg.eval.datasets[name].options = o
+    _query_rows(cfg, method)  # bad rows fail here, before any model loads
     # rank 0 runs the stages (the rehearsal is a single-process loop); the others hit the cache
     stages = rank0_first(lambda: prepare(cfg, method), cfg.train.ddp_timeout)
     selection_path, ref_path = stages["select"], stages["initial_eval"]

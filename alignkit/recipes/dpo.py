@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from alignkit.config import PreferenceOptions, RunConfig, preference_checks
-from alignkit.stages.pairs import PairsConfig, resolve_train_pairs
+from alignkit.stages.pairs import PairsConfig, check_pairs_config, resolve_train_pairs
 
 NAME = "dpo"
 DATA_KIND = "preference"
@@ -21,7 +21,7 @@ class Method(PairsConfig, PreferenceOptions):
 
 
 def check_config(cfg: RunConfig, method: Method) -> list[str]:
-    return preference_checks(cfg, method)
+    return preference_checks(cfg, method) + check_pairs_config(cfg, method)
 
 
 def train(cfg: RunConfig, callbacks=()) -> Path:

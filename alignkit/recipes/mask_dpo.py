@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Literal
 
 from alignkit.config import PreferenceOptions, RunConfig, preference_checks
-from alignkit.stages.pairs import PairsConfig, resolve_train_pairs
+from alignkit.stages.pairs import PairsConfig, check_pairs_config, resolve_train_pairs
 
 log = logging.getLogger(__name__)
 NAME = "mask_dpo"
@@ -70,7 +70,7 @@ class Method(PairsConfig, PreferenceOptions):
 
 
 def check_config(cfg: RunConfig, method: Method) -> list[str]:
-    problems = preference_checks(cfg, method)
+    problems = preference_checks(cfg, method) + check_pairs_config(cfg, method)
     from alignkit.data import get_splitter
 
     try:

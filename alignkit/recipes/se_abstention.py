@@ -16,13 +16,17 @@ Prepare stages (fingerprinted by all their inputs, atomic, skipped when unchange
    (validation: τ is chosen by lowest AED there, §4 step 6) and ``method.plot_eval``.
 
 The sweep's fine-tunes are :func:`alignkit.stages.knowledge.brief_finetune` loops, not the run's
-Trainer: same learning rate, epochs / max_steps, warmup, weight decay, grad-norm clip,
-LoRA and ``data.max_length``; ``train.lr_scheduler_type`` must be ``linear`` or ``cosine``
-(check_config rejects others rather than silently mapping them), the loss is always
-completion-only (``method.completion_only_loss: false`` is rejected), over-long rows are
-truncated whatever ``data.length_policy`` says, and the batch is per_device_train_batch_size ×
-gradient_accumulation_steps of ONE process — under an N-process launch the final training's
-global batch is N× that, so τ is selected for a smaller batch than the final model's.
+Trainer, on the model as the final run loads it (:func:`alignkit.models.load_model`: dtype,
+attention kernel, gradient checkpointing, QLoRA / LoRA): same learning rate, epochs /
+max_steps, warmup, weight decay, grad-norm clip, bf16 / fp16 autocast and ``data.max_length``;
+forward passes of ``per_device_train_batch_size`` rows, one optimiser step every
+``gradient_accumulation_steps`` of them (the per-device memory of the final run).
+``train.lr_scheduler_type`` must be ``linear`` or ``cosine`` (check_config rejects others rather
+than silently mapping them), the loss is always completion-only
+(``method.completion_only_loss: false`` is rejected), over-long rows are truncated whatever
+``data.length_policy`` says, and it runs in ONE process — under an N-process launch the final
+training's global batch is N× a sweep step's, so τ is selected for a smaller batch than the
+final model's.
 
 Evaluation protocol (§4 step 7, §9): the recipe puts ``question_template`` (=
 ``method.prompt_template``, the training prompt), ``abstain_phrase`` and ``abstain_match``
@@ -314,23 +318,25 @@ def _world_dir(cfg: RunConfig) -> str | None:
 def stage_sample(cfg: RunConfig, method: Method, rows: list[dict], n: int) -> Path:
     """Standard answer (T=0.1) + ``n`` samples (T=1) with mean token log-probs per question
     of ``rows`` (already loaded and validated; keyed by their question / answers / knowledge)."""
+    import alignkit.generation.backends as gb
     import alignkit.generation.sampling as sm
     from alignkit.core.fingerprint import fingerprint
-    from alignkit.generation.backends import sampler_fingerprint
     from alignkit.stages.runner import run_stage
 
     m = cfg.model
     rows = [{"question": r["question"], "answers": r.get("answers"), "knowledge": r.get("knowledge")} for r in rows]
-    key = {"model": sampler_fingerprint(cfg), "dtype": m.dtype,
+    key = {"model": gb.sampler_fingerprint(cfg), "dtype": m.dtype,
            "data": fingerprint(rows), "n": n, "seed": cfg.seed,
            "sampling": method.model_dump(include={"prompt_template", "temperature", "top_p", "standard_temperature",
                                                   "max_new_tokens", "gen_batch_size"}),
-           # The decoding loop itself (_decode and its step hooks) is hashed too: generate delegates to it.
+           # The decoding loop itself (_decode and its step hooks) is hashed too: generate delegates to it;
+           # so are the engines (generation.backends: HTTP / vLLM sampling, load_sampler).
            "code": code_digest(stage_sample, sm.generate, sm._generate_batch, sm._decode, sm._StepScores,
-                               sm._StepWatch, sm._group)}
+                               sm._StepWatch, sm._group, gb)}
 
     def fn():
         from alignkit.generation.backends import load_sampler
+        from alignkit.stages.knowledge import release_memory
 
         prompts = [method.prompt_template.format(question=r["question"]) for r in rows]
         model, tok = load_sampler(cfg, method.stage_dir)
@@ -338,6 +344,8 @@ def stage_sample(cfg: RunConfig, method: Method, rows: list[dict], n: int) -> Pa
                   progress=False, return_logprobs="mean")
         std, _ = sm.generate(model, tok, prompts, n=1, temperature=method.standard_temperature, **kw)
         smp, lps = sm.generate(model, tok, prompts, n=n, temperature=method.temperature, top_p=method.top_p, **kw)
+        del model
+        release_memory()  # the sweep's fine-tunes load the model again next
         return [{"qid": i, "question": r["question"], "prompt": p, "answers": r["answers"],
                  "knowledge": r.get("knowledge"), "standard_response": s[0], "samples": x, "sample_logps": lp}
                 for i, (r, p, s, x, lp) in enumerate(zip(rows, prompts, std, smp, lps))]
@@ -371,9 +379,11 @@ def score_rows(rows: list[dict], method: Method, equiv, sv_embedder, judge) -> l
     if reqs:
         for i, c, f in zip(labelled, judge.is_correct(reqs), judge.is_refusal(reqs)):
             correct[i], refused[i] = c, f
+    # every question's clustering advances together: one judge batch per greedy round, so an
+    # HTTP judge runs at its full concurrency (alignkit.stages.uncertainty.Equivalence.cluster_many)
+    clusters = equiv.cluster_many([(r["samples"], r["question"]) for r in rows])
     out = []
-    for r, c, f in zip(rows, correct, refused):
-        ids = equiv.cluster(r["samples"], r["question"])
+    for r, c, f, ids in zip(rows, correct, refused, clusters):
         out.append({**r, "semantic_ids": ids, "se_discrete": semantic_entropy(ids),
                     "se_likelihood": semantic_entropy(ids, r["sample_logps"]),
                     "lexical_entropy": lexical_entropy(r["samples"]),
@@ -383,15 +393,32 @@ def score_rows(rows: list[dict], method: Method, equiv, sv_embedder, judge) -> l
     return out
 
 
+def _embedder_key(spec: dict | None) -> str:
+    """An embedder's identity for a cache key: its ``name`` carries the digest of its model
+    folder (names and sizes of the files), so new weights at the same path change the key."""
+    from alignkit.judges.embedding import build_embedder
+
+    return build_embedder(spec or {"backend": "minilm"}).name
+
+
 def stage_score(cfg: RunConfig, method: Method, sample_path: Path) -> Path:
     import alignkit.judges.embedding as E
+    import alignkit.metrics as metrics
     import alignkit.stages.uncertainty as U
     from alignkit.core.fingerprint import file_digest
+    from alignkit.stages.knowledge import judges_code_digest
     from alignkit.stages.runner import run_stage
 
-    key = {"samples": file_digest(sample_path), "clustering": _spec_key(method.clustering.model_dump()),
+    clustering = method.clustering.model_dump()
+    key = {"samples": file_digest(sample_path), "clustering": _spec_key(clustering),
            "sv": method.model_dump(include={"sv_embedder", "sv_epsilon", "sv_pca_dim"}),
-           "judge": _spec_key(cfg.eval.judge), "world": _world_dir(cfg), "code": code_digest(U, E, score_rows)}
+           # the embedders' model files, not only their config: a new all-MiniLM at the same path
+           "embedders": {"sv": _embedder_key(method.sv_embedder),
+                         "clustering": _embedder_key(clustering["embedder"]) if clustering["backend"] == "embedding"
+                         else None},
+           "judge": _spec_key(cfg.eval.judge), "world": _world_dir(cfg),
+           # SE itself (metrics.semantic_entropy), the clustering, the embedders and the judges
+           "code": code_digest(U, E, score_rows, metrics.semantic_entropy), "judges": judges_code_digest()}
 
     def fn():
         from alignkit.core.io import read_jsonl
@@ -434,8 +461,18 @@ def thresholds(table: list[dict], method: Method) -> list[float]:
         if method.sv_grid is not None:
             return list(method.sv_grid)
         sv = np.array([r["semantic_volume"] for r in table], dtype=np.float64)
-        return [round(float(np.quantile(sv, q)), 6) for q in method.sv_quantiles]
+        # Exact quantiles, never rounded: many questions share the "all answers identical" floor
+        # (log((M+ε)ε^(M-1)), equal up to float noise), and a threshold rounded to 6 decimals
+        # lands above or below it by chance — below, and every floor question abstains.
+        return [float(np.quantile(sv, q)) for q in method.sv_quantiles]
     return list(method.tau_grid)
+
+
+def above(value: float, threshold: float) -> bool:
+    """``value > threshold`` beyond float noise (1e-9 relative): signals that are equal in exact
+    arithmetic — SV of different questions on the all-identical floor, computed by slogdet from
+    different embeddings — differ in the last bits, and must fall on the same side."""
+    return value > threshold + 1e-9 * max(1.0, abs(threshold))
 
 
 def abstain_set(table: list[dict], method: Method, threshold: float) -> frozenset[int]:
@@ -445,7 +482,7 @@ def abstain_set(table: list[dict], method: Method, threshold: float) -> frozense
         if any(r["standard_correct"] is None for r in table):
             raise ValueError("r_tuning needs a verdict on every standard answer (gold answers on every row)")
         return frozenset(r["qid"] for r in table if not r["standard_correct"])
-    return frozenset(r["qid"] for r in table if r[sig] > threshold)
+    return frozenset(r["qid"] for r in table if above(r[sig], threshold))
 
 
 def sft_rows(table: list[dict], method: Method, h: frozenset[int]) -> list[dict]:
@@ -460,28 +497,41 @@ def sft_rows(table: list[dict], method: Method, h: frozenset[int]) -> list[dict]
 def _train_hparams(cfg: RunConfig) -> dict:
     t = cfg.train
     return {"learning_rate": t.learning_rate, "epochs": t.num_train_epochs, "max_steps": t.max_steps,
-            "batch_size": t.per_device_train_batch_size * t.gradient_accumulation_steps,
+            "per_device": t.per_device_train_batch_size, "grad_accum": t.gradient_accumulation_steps,
             "warmup": t.warmup_steps, "scheduler": t.lr_scheduler_type, "weight_decay": t.weight_decay,
-            "max_grad_norm": t.max_grad_norm}
+            "max_grad_norm": t.max_grad_norm, "bf16": t.bf16, "fp16": t.fp16}
 
 
 def stage_sweep_point(cfg: RunConfig, method: Method, rows: list[dict], evals: list[str]) -> Path:
     """Fine-tune the base model on one candidate SFT set (single process, the run's
     hyperparameters) and evaluate it greedily on ``evals``; keyed by the rows themselves, so
-    identical abstain sets — from any τ or variant — train once."""
+    identical abstain sets — from any τ or variant — train once.
+
+    The model is loaded as the final training loads it (:func:`alignkit.models.load_model`:
+    dtype, attention kernel, gradient checkpointing, QLoRA, LoRA) and trained in passes of
+    ``per_device_train_batch_size`` rows, stepping every ``gradient_accumulation_steps``
+    passes under ``train.bf16`` / ``fp16`` autocast — the final run's per-device memory
+    profile, not all of a step's rows in one pass."""
+    import alignkit.evaluation.run as ev_run
+    import alignkit.evaluation.tasks as ev_tasks
+    import alignkit.generation.sampling as sm
+    import alignkit.metrics as metrics
     import alignkit.stages.knowledge as kn
     from alignkit.core.fingerprint import file_digest, fingerprint, source_fingerprint
-    from alignkit.models import resolve_path
+    from alignkit.models import load_model, resolve_path
     from alignkit.stages.runner import run_stage
 
     m = cfg.model
     hp = _train_hparams(cfg)
-    key = {"model": source_fingerprint(resolve_path(m.name_or_path), m.revision), "dtype": m.dtype,
-           "lora": m.lora and m.lora.model_dump(), "rows": fingerprint([(r["prompt"], r["completion"]) for r in rows]),
+    key = {"model": source_fingerprint(resolve_path(m.name_or_path), m.revision),
+           "model_config": m.model_dump(), "rows": fingerprint([(r["prompt"], r["completion"]) for r in rows]),
            "train": hp, "max_length": cfg.data.max_length, "seed": cfg.seed,
            "eval": cfg.eval.model_dump(exclude={"datasets"}),
            "evals": {e: [file_digest(cfg.eval.datasets[e].path), cfg.eval.datasets[e].model_dump()] for e in evals},
-           "code": code_digest(kn.brief_finetune, stage_sweep_point)}
+           # what turns the fine-tuned model into the AED that selects τ: generation, the eval
+           # tasks and their metrics, and the judges
+           "code": code_digest(kn.brief_finetune, stage_sweep_point, load_model, ev_run, ev_tasks, metrics, sm),
+           "judges": kn.judges_code_digest()}
 
     def fn():
         import math
@@ -490,33 +540,32 @@ def stage_sweep_point(cfg: RunConfig, method: Method, rows: list[dict], evals: l
 
         from alignkit.evaluation.run import evaluate_model
         from alignkit.judges import build_eval_judge
-        from alignkit.models import load_for_sampling
+        from alignkit.models import load_tokenizer
 
         torch.manual_seed(cfg.seed)
-        model, tok = load_for_sampling(m)
-        if model.dtype != torch.float32 and m.lora is None:
-            model = model.float()
-        if m.lora is not None:
-            from peft import LoraConfig as PeftLora
-            from peft import get_peft_model
-
-            lc = m.lora
-            model = get_peft_model(model, PeftLora(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
-                                                   target_modules=lc.target_modules, task_type="CAUSAL_LM"))
+        tok = load_tokenizer(m)
+        model = load_model(m)
+        if torch.cuda.is_available() and m.quantization is None:  # 4-bit weights are placed at load
+            model = model.to(f"cuda:{torch.cuda.current_device()}")
+        per_step = hp["per_device"] * hp["grad_accum"]
         epochs = hp["epochs"]
         if hp["max_steps"] and hp["max_steps"] > 0:  # honour train.max_steps as the trainer would
-            epochs = hp["max_steps"] / max(1, math.ceil(len(rows) / hp["batch_size"]))
+            epochs = hp["max_steps"] / max(1, math.ceil(len(rows) / per_step))
         warm = hp["warmup"]
-        per_epoch = math.ceil(len(rows) / hp["batch_size"])
+        per_epoch = math.ceil(len(rows) / per_step)
         warm_ratio = warm if warm < 1 else warm / max(1, per_epoch * epochs)
+        amp = torch.bfloat16 if hp["bf16"] else torch.float16 if hp["fp16"] else None
         stats = kn.brief_finetune(model, tok, rows, learning_rate=hp["learning_rate"], epochs=epochs,
-                                  batch_size=hp["batch_size"], max_length=cfg.data.max_length, seed=cfg.seed,
-                                  warmup_ratio=min(warm_ratio, 0.99),
+                                  batch_size=hp["per_device"], grad_accum=hp["grad_accum"],
+                                  max_length=cfg.data.max_length, seed=cfg.seed, warmup_ratio=min(warm_ratio, 0.99),
                                   scheduler="cosine" if hp["scheduler"].startswith("cosine") else "linear",
-                                  max_grad_norm=hp["max_grad_norm"], weight_decay=hp["weight_decay"])
+                                  max_grad_norm=hp["max_grad_norm"], weight_decay=hp["weight_decay"],
+                                  autocast_dtype=amp)
         judge = build_eval_judge(cfg.eval.judge, m.name_or_path)
         res = evaluate_model(model, tok, cfg.eval, judge, None, seed=cfg.seed,
                              datasets={e: cfg.eval.datasets[e] for e in evals})
+        del model
+        kn.release_memory()
         keep = ("n", "n_correct", "n_wrong", "n_refusal", "aed", "accuracy", "refusal_rate")
         return [{"eval_set": e, **{k: r[k] for k in keep if k in r}} for e, r in res["eval"].items()], \
             {"train": stats}

@@ -13,8 +13,9 @@ lower bound that is NOT known to be the paper's. The EMD term lies in [0, 2], so
 up cannot diverge the way gradient ascent on the NLL can.
 
 One recipe, several objectives (``method.objective``), all on the same batches — the same
-SFT rows in the same order, plus ``k`` safety rows appended to every batch — so the rows of
-the demo differ only in what they do with the safety rows:
+SFT rows in the same order (a new seeded order every epoch), plus safety rows appended to
+the batches so that their share of all rows is ``unsafe_ratio`` — so the rows of the demo
+differ only in what they do with the safety rows:
 
 * ``emd`` — TA-SFT;
 * ``unlikelihood`` — CE + λ·mean −log(1 − p(ỹ_t)) on the unsafe responses;
@@ -146,14 +147,18 @@ class Method(Strict):
                                     "neither is known to be the paper's bound")
     harmful_target: Literal["onehot"] = Field("onehot", description="the unsafe token per position (§10)")
     cost_embedding: Literal["input_embeddings", "lm_head"] = "input_embeddings"
-    cost_embedding_frozen: bool = Field(True, description="a detached copy taken once (§6); false: the live weight")
+    cost_embedding_frozen: bool = Field(
+        True, description="a copy of the BASE model's embedding taken once at the start and saved in the run "
+                          "directory (cost_embedding.safetensors; a resumed run reads it back) (§6); false: the "
+                          "current weight, detached every step (EMO's live head: no gradient into the cost)")
     reduction: Literal["token_mean", "seq_mean"] = Field(
         "token_mean", description="average the unsafe term over all unsafe tokens of a batch, or per sequence first")
     emd_cap: float | None = Field(None, gt=0, description="over-alignment guard (not from the paper): the EMD term "
                                                           "counts at most this much (no push once above it)")
     emd_chunk_size: int | None = Field(None, ge=1, description="positions per chunk for long sequences")
-    unsafe_ratio: float = Field(0.2, ge=0, lt=1, description="share of safety rows in each batch: "
-                                                             "k = ceil(r/(1−r)·B) rows appended to B SFT rows")
+    unsafe_ratio: float = Field(0.2, ge=0, lt=1, description="share of safety rows among all rows trained: "
+                                                             "r/(1−r)·B per batch of B SFT rows on average "
+                                                             "(⌊·⌋ or ⌈·⌉ rows per batch)")
     unsafe: UnsafeSetConfig = Field(default_factory=UnsafeSetConfig)
     refusals: PromptSource | None = Field(
         None, description="refusal_sft: rows {prompt, completion} with refusal completions")
@@ -182,6 +187,15 @@ def check_config(cfg: RunConfig, method: Method) -> list[str]:
                                              or (cfg.train.model_extra or {}).get("deepspeed")):
         problems.append("field 'method.cost_embedding_frozen': false is not supported under DeepSpeed (the live "
                         "weight is sharded); keep the frozen copy")
+    # The tiny world's exact judges have no meaning for a real model: no silent stand-in.
+    if not cfg.model.name_or_path.startswith("world:"):
+        for field, spec in (("method.watch.judge", method.watch and method.watch.judge),
+                            ("method.unsafe.judge", method.objective != "sft" and method.unsafe.path is None
+                             and method.unsafe.judge)):
+            if spec and dict(spec).get("backend", "kb") == "kb":
+                problems.append(f"field '{field}': the 'kb' judge is the tiny world's knowledge base and model "
+                                f"{cfg.model.name_or_path!r} is not a world: model; set a real judge, e.g. "
+                                f"{field}={{backend: rules}} or {{backend: http, base_url: ..., model: ...}}")
     return problems
 
 
@@ -189,34 +203,70 @@ def check_config(cfg: RunConfig, method: Method) -> list[str]:
 # ---------------------------------------------------------------- data
 
 
-def safety_rows_per_batch(batch_size: int, ratio: float) -> int:
-    """``k`` safety rows appended to ``batch_size`` SFT rows so their share is ≈ ``ratio``."""
-    return 0 if ratio <= 0 else max(1, math.ceil(ratio / (1 - ratio) * batch_size - 1e-9))
+def safety_rows_per_batch(batch_size: int, ratio: float) -> float:
+    """Safety rows per batch of ``batch_size`` SFT rows, on average, for a share of ``ratio``
+    of all rows: r/(1−r)·B (a batch gets its floor or its ceiling, :func:`mixed_blocks`)."""
+    return 0.0 if ratio <= 0 else ratio / (1 - ratio) * batch_size
 
 
-def mixed_order(n_sft: int, n_safety: int, batch: int, k: int, seed: int) -> list[tuple[int, int]]:
-    """Row order as ``(kind, index)`` in blocks of ``batch`` SFT rows + ``k`` safety rows.
+def mixed_blocks(n_sft: int, n_safety: int, batch: int, ratio: float, seed: int, epoch: int = 0
+                 ) -> list[list[tuple[int, int]]]:
+    """One epoch's batches as ``(kind, index)`` rows: ``batch`` SFT rows + that batch's safety rows.
 
-    SFT rows: one seeded permutation, the last block topped up from its start; safety rows:
-    cycled through seeded permutations. Every block is one per-device batch (the trainer reads
-    the order sequentially), so every batch has the same share on every rank."""
+    SFT rows: a seeded permutation per epoch (``seed``, ``epoch``; the last batch topped up
+    from its start) — the same for every objective. Safety rows: their count per batch is
+    the floor or the ceiling of r/(1−r)·B, spread so that the running total never drifts
+    from the target by a row (at B=4, r=0.1: 0, 1, 0, 1, 0, 1, 0, 0, 1, … = 10% of all rows,
+    where a whole row per batch would be 20%); the rows themselves cycle through seeded
+    permutations of the safety set, continuing from one epoch to the next."""
     import random
 
-    rng = random.Random(seed)
     sft = list(range(n_sft))
-    rng.shuffle(sft)
+    random.Random(f"{seed}:sft:{epoch}").shuffle(sft)
     blocks = max(1, math.ceil(n_sft / batch))
     sft += sft[: blocks * batch - n_sft]
-    safety: list[int] = []
-    while n_safety and k and len(safety) < blocks * k:
+    per = safety_rows_per_batch(batch, ratio) if n_safety else 0.0
+
+    def cum(j: int) -> int:  # safety rows in the first j batches of the run, rounded half up
+        return math.floor(per * j + 0.5 + 1e-9)
+
+    first = epoch * blocks
+    counts = [cum(first + b + 1) - cum(first + b) for b in range(blocks)]
+    stream: list[int] = []
+    rng = random.Random(f"{seed}:safety")
+    while n_safety and len(stream) < cum(first + blocks):
         perm = list(range(n_safety))
         rng.shuffle(perm)
-        safety += perm
-    out = []
-    for b in range(blocks):
-        out += [(0, i) for i in sft[b * batch:(b + 1) * batch]]
-        out += [(1, i) for i in safety[b * k:(b + 1) * k]]
+        stream += perm
+    pos, out = cum(first), []
+    for b, k in enumerate(counts):
+        out.append([(0, i) for i in sft[b * batch:(b + 1) * batch]] + [(1, i) for i in stream[pos:pos + k]])
+        pos += k
     return out
+
+
+class MixedBatches:
+    """The train batch sampler: :func:`mixed_blocks` of the current epoch, as dataset indices
+    (SFT rows first, then the safety rows). The Trainer calls ``set_epoch`` before every epoch
+    (also through accelerate's ``BatchSamplerShard``, which hands process i every i-th batch,
+    and after ``skip_first_batches`` on resume), so each epoch has its own order."""
+
+    def __init__(self, n_sft: int, n_safety: int, batch: int, ratio: float, seed: int):
+        self.n_sft, self.n_safety, self.batch, self.ratio, self.seed = n_sft, n_safety, batch, ratio, seed
+        self.epoch = 0
+        self.batch_size = None  # variable-size batches (accelerate: "dynamic length")
+        self.drop_last = False
+        self.sampler = self  # where accelerate looks for set_epoch under a wrapping batch sampler
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return max(1, math.ceil(self.n_sft / self.batch))
+
+    def __iter__(self):
+        for block in mixed_blocks(self.n_sft, self.n_safety, self.batch, self.ratio, self.seed, self.epoch):
+            yield [i if kind == 0 else self.n_sft + i for kind, i in block]
 
 
 def resolve_safety_rows(cfg: RunConfig, method: Method) -> tuple[list[dict], dict]:
@@ -255,6 +305,58 @@ def resolve_safety_rows(cfg: RunConfig, method: Method) -> tuple[list[dict], dic
 
 # ---------------------------------------------------------------- trainer
 
+COST_FILE = "cost_embedding.safetensors"
+
+
+def full_weight(w):
+    """The whole ``[V, d]`` tensor behind a possibly sharded parameter: FSDP2 ``DTensor``
+    (all-gathered; every rank must call this, as compute_loss does) or a ZeRO-3 partition
+    (gathered for the copy). A plain tensor is returned as is."""
+    if hasattr(w, "ds_id"):  # ZeRO-3: gather once on every rank (§6 notes)
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([w], modifier_rank=None):
+            return w.detach().clone()
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(w, DTensor):
+        return w.detach().full_tensor()
+    if w.dim() != 2:  # FSDP1 outside forward: a flat shard, not the matrix
+        raise RuntimeError(f"cost embedding weight has shape {tuple(w.shape)}, not [vocab, dim]: a sharded FSDP1 "
+                           "parameter; use FSDP2 (configs/accelerate/fsdp.yaml) or cost_embedding_frozen: true")
+    return w
+
+
+def cost_layer_weight(model, which: str):
+    layer = model.get_input_embeddings() if which == "input_embeddings" else model.get_output_embeddings()
+    return layer.weight
+
+
+def base_cost_embedding(model, method: Method, run_dir: Path | None = None):
+    """The frozen cost embedding Ê (L2-normalised, float32, on the CPU), taken from the model
+    as loaded — the BASE weights, before any step — and saved as ``run_dir/cost_embedding.safetensors``.
+    When that file is already there (a resumed run), it is read back instead: by then the
+    model holds fine-tuned weights, and "frozen" must mean the copy the run started with."""
+    from safetensors.torch import load_file, save_file
+
+    from alignkit.core.distributed import is_main_process
+    from alignkit.losses import normalized_embeddings
+
+    path = Path(run_dir) / COST_FILE if run_dir is not None else None
+    w = cost_layer_weight(model, method.cost_embedding)
+    if path is not None and path.exists():
+        cost = load_file(str(path))["cost_embedding"]
+        if w.dim() == 2 and tuple(cost.shape) != tuple(w.shape):
+            raise ValueError(f"{path}: shape {tuple(cost.shape)} does not match the model's {method.cost_embedding} "
+                             f"{tuple(w.shape)}; it belongs to another model")
+        return cost
+    cost = normalized_embeddings(full_weight(w), detach=True).cpu().contiguous()
+    if path is not None and is_main_process():
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file({"cost_embedding": cost}, str(tmp), metadata={"cost_embedding": method.cost_embedding})
+        tmp.replace(path)
+    return cost
+
 
 def build_trainer_class():
     import torch
@@ -273,45 +375,51 @@ def build_trainer_class():
         """CE on the SFT rows of a mixed batch plus the objective's term on its safety rows
         (``kind`` 1), from one forward pass. Logged beside the loss: ``loss/sft``,
         ``loss/unsafe_term`` (EMD, UL or log-prob, before λ), ``unsafe/p_target`` (mean
-        probability of the unsafe tokens) and ``watch/*`` from the over-alignment watch."""
+        probability of the unsafe tokens) and ``watch/*`` from the over-alignment watch.
 
-        def __init__(self, *args, method: Method, watch=None, **kwargs):
+        ``batches``: the :class:`MixedBatches` sampler of the train set (None: the Trainer's
+        own sampler). ``cost``: the frozen cost embedding (:func:`base_cost_embedding`); taken
+        from the model on first use when not given."""
+
+        def __init__(self, *args, method: Method, watch=None, batches: MixedBatches | None = None, cost=None,
+                     **kwargs):
             super().__init__(*args, **kwargs)
-            self.method, self.watch = method, watch
+            self.method, self.watch, self.batches = method, watch, batches
             self.model_accepts_loss_kwargs = False  # per-batch means; Trainer divides by GA steps
-            self._cost = None
+            self._cost = cost
             self._stats: dict[str, list[float]] = {}
 
-        def _get_train_sampler(self, train_dataset=None):
-            # The dataset is already laid out in mixed per-device batches (mixed_order).
-            return torch.utils.data.SequentialSampler(train_dataset if train_dataset is not None
-                                                      else self.train_dataset)
+        def get_train_dataloader(self):
+            if self.batches is None:
+                return super().get_train_dataloader()
+            from torch.utils.data import DataLoader
+
+            dl = DataLoader(self.train_dataset, batch_sampler=self.batches, collate_fn=self.data_collator,
+                            num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory)
+            return self.accelerator.prepare(dl)
 
         def cost_embedding(self, model):
             m = self.method
             unwrapped = self.accelerator.unwrap_model(model)
-            layer = (unwrapped.get_input_embeddings() if m.cost_embedding == "input_embeddings"
-                     else unwrapped.get_output_embeddings())
-            w = layer.weight
+            w = cost_layer_weight(unwrapped, m.cost_embedding)
             if not m.cost_embedding_frozen:
-                return normalized_embeddings(w, detach=False)
+                # The live weight, DETACHED (EMO's instruction-tuning setting): TA-SFT maximises the
+                # EMD, and a gradient through the cost would push the embeddings apart to inflate
+                # it instead of moving the next-token distributions.
+                return normalized_embeddings(full_weight(w), detach=True)
             if self._cost is None:
-                if hasattr(w, "ds_id"):  # ZeRO-3: gather once on every rank, keep the frozen copy (§6 notes)
-                    import deepspeed
-
-                    with deepspeed.zero.GatheredParameters([w], modifier_rank=None):
-                        self._cost = normalized_embeddings(w, detach=True)
-                else:
-                    self._cost = normalized_embeddings(w, detach=True)
+                self._cost = base_cost_embedding(unwrapped, m)
+            if self._cost.device != w.device:
+                self._cost = self._cost.to(w.device)
             return self._cost
 
-        def unsafe_term(self, model, logits, labels):
+        def unsafe_term(self, model, logits, labels, emb=None):
             m = self.method
             if m.objective == "unlikelihood":
                 return unlikelihood_loss(logits, labels, reduction=m.reduction)
             if m.objective == "gradient_ascent":
                 return gradient_ascent_loss(logits, labels, reduction=m.reduction)
-            emb = self.cost_embedding(model)
+            emb = self.cost_embedding(model) if emb is None else emb
             if m.emd_form == "exact_onehot":
                 return semantic_emd(logits, labels, emb, reduction=m.reduction, normalize=False,
                                     chunk_size=m.emd_chunk_size)
@@ -338,9 +446,16 @@ def build_trainer_class():
             ce = -lp.sum() / n_tok.clamp(min=1)
             loss = ce
             stats = {"loss/sft": ce.detach()}
+            # Every rank, every step, before the safety rows are looked at: gathering a sharded live
+            # weight is a collective, and one rank's batch may have no safety row while another's has.
+            emb = self.cost_embedding(model) if m.objective == "emd" else None
+            if m.objective in WEIGHTED:
+                # the same keys on every rank (gathered below); NaN = no safety row in this batch
+                nan = torch.tensor(float("nan"), device=logits.device)
+                stats.update({"loss/unsafe_term": nan, "unsafe/p_target": nan})
             if m.objective in WEIGHTED and bool(safety.any()):
                 s_logits, s_labels = logits[safety], labels[safety]
-                term = self.unsafe_term(model, s_logits, s_labels)
+                term = self.unsafe_term(model, s_logits, s_labels, emb)
                 lam = float(m.emd_weight)
                 if m.objective == "emd":
                     counted = term.clamp(max=m.emd_cap) if m.emd_cap is not None else term
@@ -360,7 +475,9 @@ def build_trainer_class():
 
         def _record(self, stats):
             for k, v in stats.items():
-                self._stats.setdefault(k, []).append(float(self.accelerator.gather(v.float().reshape(1)).mean()))
+                x = float(torch.nanmean(self.accelerator.gather(v.float().reshape(1))))
+                if x == x:  # batches without safety rows on any rank add nothing to the unsafe means
+                    self._stats.setdefault(k, []).append(x)
 
         def log(self, logs, start_time=None):
             if not any(k.startswith("eval_") for k in logs):
@@ -406,20 +523,29 @@ def _watch(cfg: RunConfig, method: Method, tok):
     w = method.watch
     if w is None:
         return None
+    from alignkit.data import read_rows
     from alignkit.judges import build_eval_judge
+    from alignkit.judges.rules import benign_gold
     from alignkit.stages.unsafe_set import read_prompt_rows
     from alignkit.training.callbacks import OverAlignmentWatch
 
-    benign = [r["prompt"] for r in read_prompt_rows(w.benign, cfg.model.name_or_path)[1]][: w.limit]
+    path, rows = read_prompt_rows(w.benign, cfg.model.name_or_path)
+    rows = rows[: w.limit]
+    # The gold answers of the benign look-alikes (column response / compliant_response): a reply
+    # that misses most of it counts as unanswered, the eval's benign_unanswered_rate — refusal
+    # phrases alone read 0 where a model over-aligns by answering off the point (the tiny world).
+    raw = dict(read_rows(path))
+    golds = [benign_gold(raw[r["_row"]]) for r in rows]
     harmful = ([r["prompt"] for r in read_prompt_rows(w.harmful, cfg.model.name_or_path)[1]][: w.limit]
                if w.harmful else None)
     judge = build_eval_judge(w.judge, cfg.model.name_or_path)
-    return OverAlignmentWatch(tok, judge, benign, harmful, every=w.every, max_new_tokens=w.max_new_tokens,
-                              batch_size=cfg.eval.batch_size)
+    return OverAlignmentWatch(tok, judge, [r["prompt"] for r in rows], harmful, every=w.every,
+                              max_new_tokens=w.max_new_tokens, batch_size=cfg.eval.batch_size, benign_golds=golds)
 
 
 def build_datasets(cfg: RunConfig, method: Method, tok, sft_rows, safety_rows):
-    """Tokenised SFT and safety rows laid out in mixed batches; returns (rows, k, reports)."""
+    """Tokenised SFT rows then safety rows (``kind`` 0 / 1) and their batch sampler
+    (:class:`MixedBatches`); returns (rows, batches, reports)."""
     from alignkit.data import tokenize_rows, validate_rows
 
     d = cfg.data
@@ -431,13 +557,11 @@ def build_datasets(cfg: RunConfig, method: Method, tok, sft_rows, safety_rows):
         norm = validate_rows("sft", list(enumerate(safety_rows, 1)), src, {}, d.system_prompt, d.max_errors)
         safety_tok, safety_report = tokenize_rows("sft", norm, tok, src, d.max_length, d.length_policy,
                                                   max_errors=d.max_errors)
-    b = cfg.train.per_device_train_batch_size
-    k = safety_rows_per_batch(b, method.unsafe_ratio) if safety_tok else 0
-    order = mixed_order(len(sft_tok), len(safety_tok), b, k, cfg.seed)
-    rows = [{"input_ids": (sft_tok if kind == 0 else safety_tok)[i]["input_ids"],
-             "completion_mask": (sft_tok if kind == 0 else safety_tok)[i]["completion_mask"], "kind": kind}
-            for kind, i in order]
-    return rows, k, {"sft": sft_report.as_dict(), "safety": safety_report.as_dict() if safety_report else None}
+    batches = MixedBatches(len(sft_tok), len(safety_tok), cfg.train.per_device_train_batch_size,
+                           method.unsafe_ratio if safety_tok else 0.0, cfg.seed)
+    rows = [{"input_ids": r["input_ids"], "completion_mask": r["completion_mask"], "kind": kind}
+            for kind, part in ((0, sft_tok), (1, safety_tok)) for r in part]
+    return rows, batches, {"sft": sft_report.as_dict(), "safety": safety_report.as_dict() if safety_report else None}
 
 
 def train(cfg: RunConfig, callbacks=()) -> Path:
@@ -465,7 +589,7 @@ def train(cfg: RunConfig, callbacks=()) -> Path:
     # Sample and judge once; the other ranks wait (up to train.ddp_timeout), then hit the cache.
     safety_rows, safety_report = rank0_first(lambda: resolve_safety_rows(cfg, method), cfg.train.ddp_timeout)
     tok = load_tokenizer(cfg.model)
-    train_rows, k, data_report = build_datasets(cfg, method, tok, rows, safety_rows)
+    train_rows, batches, data_report = build_datasets(cfg, method, tok, rows, safety_rows)
     eval_ds = None
     if eval_rows:
         from alignkit.data import tokenize_rows
@@ -475,8 +599,10 @@ def train(cfg: RunConfig, callbacks=()) -> Path:
         eval_ds = Dataset.from_list([{"input_ids": r["input_ids"], "completion_mask": r["completion_mask"],
                                       "kind": 0} for r in ev])
     run_dir, resume = prepare_run_dir(cfg)
-    report = {**safety_report, "safety_rows_per_batch": k,
-              "sft_rows_per_batch": cfg.train.per_device_train_batch_size, "data": data_report}
+    b = cfg.train.per_device_train_batch_size
+    per = safety_rows_per_batch(b, batches.ratio)
+    report = {**safety_report, "safety_rows_per_batch": per, "sft_rows_per_batch": b,
+              "safety_share": per / (b + per), "data": data_report}
     if is_main_process():
         atomic_write_text(run_dir / "data_report.json", json.dumps(data_report, indent=2))
         atomic_write_text(run_dir / "unsafe_report.json", json.dumps(report, indent=2, default=str))
@@ -484,15 +610,19 @@ def train(cfg: RunConfig, callbacks=()) -> Path:
     set_seed(cfg.seed)
     model = load_model(cfg.model)
     apply_disable_dropout(cfg, model, default=False)
+    # The frozen cost embedding: from these base weights (a resume reads the copy saved at the start)
+    cost = base_cost_embedding(model, method, run_dir) \
+        if method.objective == "emd" and method.cost_embedding_frozen else None
+    # per_device_train_batch_size only sizes logs here: the batches come from MixedBatches
     args = training_arguments(cfg, run_dir, remove_unused_columns=False,
-                              per_device_train_batch_size=cfg.train.per_device_train_batch_size + k)
+                              per_device_train_batch_size=b + math.ceil(per))
     watch = _watch(cfg, method, tok)
     cls = build_trainer_class()
     trainer = cls(model=model, args=args, data_collator=MixedCollator(tok.pad_token_id),
                   train_dataset=Dataset.from_list(train_rows), eval_dataset=eval_ds, processing_class=tok,
                   callbacks=[RunLogCallback(run_dir, checkpoint_step(resume)), *([watch] if watch else []),
                              *callbacks],
-                  method=method, watch=watch)
+                  method=method, watch=watch, batches=batches, cost=cost)
     if watch is not None:
         watch.trainer = trainer
     trainer.train(resume_from_checkpoint=resume)

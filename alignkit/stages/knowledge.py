@@ -8,9 +8,12 @@ abstention samples the same way).
   μ = fraction of samples judged correct; σ = mean pairwise cosine similarity of the
   samples' sentence embeddings (:mod:`alignkit.judges.embedding`).
 * **Multiple choice** (:func:`mc_knowledge_state`): one forward pass per item; μ = the
-  normalised probability of the gold option letter, σ = −H over the option letters.
-  Items are built from QA rows by :func:`build_mc_items` (distractors drawn from the
-  same attribute's values).
+  normalised probability of the gold option letter, σ = −H over the option letters
+  (renormalised over them, or their raw probabilities: only meaningful after the code's
+  completion prompt ending in "Answer:", where the letters take nearly all the mass; the
+  mass they take is reported per item). Items come from multiple-choice rows
+  (``{question, A, B, C, D, target}``, MMLU's columns: :func:`read_mc_rows`) or are built
+  from QA rows by :func:`build_mc_items` (distractors drawn from the same attribute's values).
 
 Correctness (:func:`is_correct_alias_substring`): a lower-cased alias is a substring of
 the lower-cased prediction, and a prediction containing a refusal keyword is never correct
@@ -106,8 +109,19 @@ def score_samples(rows: Sequence[dict], samples: Sequence[Sequence[str]], *, emb
 # --------------------------------------------------------------------------- multiple choice
 
 
+def mc_prompt(question: str, options: Sequence[str], prompt_format: str = "chat") -> str:
+    """The question and its lettered options. ``chat``: a user turn asking for the letter;
+    ``completion``: the official code's plain text ending in ``Answer:`` (craft.md §5.1)."""
+    body = "\n".join(f"{L}. {o}" for L, o in zip(LETTERS, options))
+    if prompt_format == "completion":
+        return f"{question}\n{body}\nAnswer:"
+    if prompt_format != "chat":
+        raise ValueError(f"prompt_format must be 'chat' or 'completion', got {prompt_format!r}")
+    return f"{question}\n{body}\nAnswer with the letter of the correct option."
+
+
 def build_mc_items(rows: Sequence[dict], values: dict[str, Sequence[str]] | None = None, n_options: int = 4,
-                   seed: int = 0, attribute_key: str = "attribute") -> list[dict]:
+                   seed: int = 0, attribute_key: str = "attribute", prompt_format: str = "chat") -> list[dict]:
     """Multiple-choice items from short-answer QA rows.
 
     The gold option is the row's canonical answer (``answers[0]``); distractors are other
@@ -134,10 +148,46 @@ def build_mc_items(rows: Sequence[dict], values: dict[str, Sequence[str]] | None
         opts = rng.sample(pool, n_options - 1)
         pos = rng.randrange(n_options)
         opts.insert(pos, gold)
-        letters = LETTERS[:n_options]
-        body = "\n".join(f"{L}. {o}" for L, o in zip(letters, opts))
-        items.append({**r, "options": opts, "target": letters[pos],
-                      "mc_prompt": f"{r['question']}\n{body}\nAnswer with the letter of the correct option."})
+        items.append({**r, "options": opts, "target": LETTERS[pos],
+                      "mc_prompt": mc_prompt(r["question"], opts, prompt_format)})
+    return items
+
+
+def read_mc_rows(source: Any, n_options: int = 4, prompt_format: str = "chat", max_errors: int = 20
+                 ) -> list[dict] | None:
+    """Multiple-choice rows as the paper's MMLU files have them (craft.md §4: ``{id, subject,
+    question, A, B, C, D, target}``), validated: a non-empty ``question``, every option letter
+    present and non-empty, ``target`` one of the letters — else a data error naming file, row
+    and field. ``None`` when the file's first row has no option columns (QA rows: build the
+    items with :func:`build_mc_items`). ``source``: a ``DataSource`` (path, format, split, limit)."""
+    from alignkit.data import IssueCollector, read_rows
+
+    letters = LETTERS[:n_options]
+    issues = IssueCollector(source.path, max_errors)
+    raw = read_rows(source.path, source.format, source.split, max_errors, issues)
+    if source.limit is not None:
+        raw = raw[:source.limit]
+    if not raw or not all(L in raw[0][1] for L in letters):
+        issues.raise_if_any()
+        return None
+    items = []
+    for i, r in raw:
+        q = r.get("question")
+        if not isinstance(q, str) or not q.strip():
+            issues.add(i, "question", "missing or empty")
+        opts = []
+        for L in letters:
+            o = r.get(L)
+            if o is None or (isinstance(o, str) and not o.strip()) or isinstance(o, (list, dict)):
+                issues.add(i, L, f"option {L} missing or empty (method.mc_options={n_options})")
+            opts.append(str(o))
+        t = str(r.get("target", "")).strip().upper()
+        if t not in letters:
+            issues.add(i, "target", f"must be one of {', '.join(letters)}, got {r.get('target')!r}")
+        if isinstance(q, str) and q.strip():
+            items.append({**r, "question": q, "options": opts, "target": t, "answers": [opts[letters.index(t)]]
+                          if t in letters else [], "_row": i, "mc_prompt": mc_prompt(q, opts, prompt_format)})
+    issues.raise_if_any()
     return items
 
 
@@ -159,20 +209,29 @@ def neg_entropy(probs: Sequence[float]) -> float:
     return float(sum(p * math.log(p) for p in probs if p > 0))
 
 
-def mc_letter_ids(tokenizer: Any, n_options: int = 4) -> list[int]:
+def mc_letter_ids(tokenizer: Any, n_options: int = 4, prompt_format: str = "chat") -> list[int]:
+    """The token of each option letter as the model would write it next: right after the
+    chat template's generation prompt ``"A"``, after ``"Answer:"`` in plain text ``" A"``."""
     ids = []
     for L in LETTERS[:n_options]:
-        enc = tokenizer.encode(L, add_special_tokens=False)
+        text = L if prompt_format == "chat" else f" {L}"
+        enc = tokenizer.encode(text, add_special_tokens=False)
         if len(enc) != 1:
-            raise ValueError(f"option letter {L!r} is {len(enc)} tokens for this tokenizer; need exactly 1")
+            raise ValueError(f"option letter {text!r} is {len(enc)} tokens for this tokenizer; need exactly 1")
         ids.append(enc[0])
     return ids
 
 
 def mc_knowledge_state(model: Any, tokenizer: Any, items: Sequence[dict], *, batch_size: int = 32,
-                       certainty_probs: str = "raw", prompt_key: str = "mc_prompt") -> list[dict]:
-    """One forward pass per item (batched, left-padded): the next-token distribution after
-    the chat-templated prompt with the generation prompt appended."""
+                       certainty_probs: str = "normalised", prompt_key: str = "mc_prompt",
+                       prompt_format: str = "chat") -> list[dict]:
+    """One forward pass per item (batched, left-padded): the next-token distribution after the
+    prompt — chat-templated with the generation prompt appended (``chat``), or the plain text
+    as given (``completion``: the code's base-model prompt ending in "Answer:").
+
+    Per item: ``mu`` (gold letter, renormalised over the options), ``sigma`` = −H over the
+    letters (``certainty_probs``: renormalised, or raw), and ``letter_mass``: the share of the
+    whole distribution the letters take — raw entropy is only meaningful when it is near 1."""
     import torch
 
     from alignkit.generation.sampling import render_prompts
@@ -180,8 +239,9 @@ def mc_knowledge_state(model: Any, tokenizer: Any, items: Sequence[dict], *, bat
     if certainty_probs not in ("raw", "normalised"):
         raise ValueError(f"certainty_probs must be 'raw' or 'normalised', got {certainty_probs!r}")
     n_opt = len(items[0]["options"]) if items else 4
-    ids = mc_letter_ids(tokenizer, n_opt)
-    texts = render_prompts(tokenizer, [it[prompt_key] for it in items])
+    ids = mc_letter_ids(tokenizer, n_opt, prompt_format)
+    prompts = [it[prompt_key] for it in items]
+    texts = render_prompts(tokenizer, prompts) if prompt_format == "chat" else list(prompts)
     old_side, old_pad = tokenizer.padding_side, tokenizer.pad_token
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
@@ -192,14 +252,15 @@ def mc_knowledge_state(model: Any, tokenizer: Any, items: Sequence[dict], *, bat
         with torch.inference_mode():
             for start in range(0, len(texts), batch_size):
                 enc = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
-                                add_special_tokens=False).to(device)
+                                add_special_tokens=prompt_format == "completion").to(device)
                 logits = model(**enc).logits[:, -1, :]
                 for row, it in zip(logits, items[start:start + batch_size]):
                     raw, norm = letter_probs(row, ids)
                     gold = LETTERS.index(it["target"])
                     probs = raw if certainty_probs == "raw" else norm
                     out.append({"option_probs": dict(zip(LETTERS, norm)), "option_probs_raw": dict(zip(LETTERS, raw)),
-                                "mu": norm[gold], "entropy": -neg_entropy(probs), "sigma": neg_entropy(probs)})
+                                "letter_mass": float(sum(raw)), "mu": norm[gold], "entropy": -neg_entropy(probs),
+                                "sigma": neg_entropy(probs)})
     finally:
         tokenizer.padding_side = old_side
         if old_pad is None:
@@ -207,23 +268,69 @@ def mc_knowledge_state(model: Any, tokenizer: Any, items: Sequence[dict], *, bat
     return out
 
 
+# --------------------------------------------------------------------------- stage plumbing
+
+
+def judges_code_digest() -> str:
+    """Digest of every judge module (and the world knowledge base the ``kb`` judge reads), for
+    the key of a stage whose output a judge decides: a changed refusal pattern or matching rule
+    must never reuse verdicts the old code wrote."""
+    import importlib
+    import pkgutil
+
+    import alignkit.judges as J
+    import alignkit.world.kb as world_kb
+    from alignkit.core.fingerprint import code_digest
+
+    mods = [J, *(importlib.import_module(f"alignkit.judges.{m.name}")
+                 for m in sorted(pkgutil.iter_modules(J.__path__), key=lambda m: m.name))]
+    return code_digest(*mods, world_kb)
+
+
+def release_memory() -> None:
+    """Free what a finished stage's model held (host and accelerator caches) before the next
+    stage loads one: on an 8B model the sampler, the NLI judge and a sweep point's fine-tune
+    do not fit on one GPU together."""
+    import gc
+
+    gc.collect()
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 # --------------------------------------------------------------------------- brief fine-tune
 
 
 def brief_finetune(model: Any, tokenizer: Any, rows: Sequence[dict], *, learning_rate: float, epochs: float = 1.0,
-                   batch_size: int = 8, max_length: int | None = 256, seed: int = 0, warmup_ratio: float = 0.0,
-                   scheduler: str = "cosine", max_grad_norm: float = 1.0, weight_decay: float = 0.0) -> dict:
+                   batch_size: int = 8, grad_accum: int = 1, max_length: int | None = 256, seed: int = 0,
+                   warmup_ratio: float = 0.0, scheduler: str = "cosine", max_grad_norm: float = 1.0,
+                   weight_decay: float = 0.0, autocast_dtype: Any = None) -> dict:
     """A short single-process SFT (completion-only loss) of ``model`` in place.
 
-    CRaFT's rehearsal (craft.md §5.3) needs a fine-tuned copy only to re-query it, so it
-    runs as a plain PyTorch loop: no Trainer, no accelerate state, no process group —
-    safe to run on rank 0 of a DDP/ZeRO launch before the distributed trainer exists.
-    ``rows`` are ``sft`` rows (``prompt`` messages, ``completion``). Returns loss stats.
+    CRaFT's rehearsal (craft.md §5.3) and SE abstention's τ sweep need a fine-tuned copy only
+    to re-query or evaluate it, so it runs as a plain PyTorch loop: no Trainer, no accelerate
+    state, no process group — safe to run on rank 0 of a DDP/ZeRO launch before the
+    distributed trainer exists. ``rows`` are ``sft`` rows (``prompt`` messages, ``completion``).
+
+    One optimiser step takes ``batch_size × grad_accum`` rows, run as ``grad_accum`` forward
+    passes of ``batch_size`` rows (the Trainer's per-device batch and accumulation: an 8B
+    model cannot take 48 rows in one pass). The loss of a step is the token mean over all
+    completion tokens of its rows, whatever the split — the same step as one pass of the
+    whole batch, and as the Trainer's (``num_items_in_batch``). Gradient checkpointing,
+    quantisation and the attention kernel are the model's own (load it with
+    :func:`alignkit.models.load_model`); ``autocast_dtype`` (bf16 / fp16) runs the forward
+    under ``torch.autocast`` as ``train.bf16`` / ``fp16`` do. Returns loss stats.
     """
+    import contextlib
+
     import torch
 
     from alignkit.data import tokenize_rows
 
+    if batch_size < 1 or grad_accum < 1:
+        raise ValueError(f"batch_size and grad_accum must be >= 1, got {batch_size} and {grad_accum}")
     tok_rows, _ = tokenize_rows("sft", list(rows), tokenizer, "<rehearsal>", max_length, "truncate")
     if not tok_rows:
         return {"steps": 0, "rows": 0}
@@ -231,7 +338,8 @@ def brief_finetune(model: Any, tokenizer: Any, rows: Sequence[dict], *, learning
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=learning_rate, betas=(0.9, 0.999), weight_decay=weight_decay)
-    per_epoch = math.ceil(len(tok_rows) / batch_size)
+    step_rows = batch_size * grad_accum
+    per_epoch = math.ceil(len(tok_rows) / step_rows)
     total = max(1, math.ceil(per_epoch * epochs))
     warm = int(round(warmup_ratio * total))
 
@@ -243,33 +351,55 @@ def brief_finetune(model: Any, tokenizer: Any, rows: Sequence[dict], *, learning
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def tensors(batch):
+        width = max(len(r["input_ids"]) for r in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        att = torch.zeros((len(batch), width), dtype=torch.long)
+        lab = torch.full((len(batch), width), -100, dtype=torch.long)
+        for i, r in enumerate(batch):
+            L = len(r["input_ids"])
+            ids[i, :L] = torch.tensor(r["input_ids"])
+            att[i, :L] = 1
+            lab[i, :L] = torch.tensor([t if m else -100 for t, m in zip(r["input_ids"], r["completion_mask"])])
+        return ids.to(device), att.to(device), lab.to(device)
+
+    def autocast():
+        if autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=autocast_dtype)
+
     was_training = model.training
     model.train()
-    losses, step = [], 0
+    losses, step, max_rows = [], 0, 0
     while step < total:
         order = torch.randperm(len(tok_rows), generator=g).tolist()
-        for b in range(0, len(order), batch_size):
+        for b in range(0, len(order), step_rows):
             if step >= total:
                 break
-            batch = [tok_rows[i] for i in order[b:b + batch_size]]
-            width = max(len(r["input_ids"]) for r in batch)
-            ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            att = torch.zeros((len(batch), width), dtype=torch.long)
-            lab = torch.full((len(batch), width), -100, dtype=torch.long)
-            for i, r in enumerate(batch):
-                L = len(r["input_ids"])
-                ids[i, :L] = torch.tensor(r["input_ids"])
-                att[i, :L] = 1
-                lab[i, :L] = torch.tensor([t if m else -100 for t, m in zip(r["input_ids"], r["completion_mask"])])
-            out = model(input_ids=ids.to(device), attention_mask=att.to(device), labels=lab.to(device), use_cache=False)
-            out.loss.backward()
+            group = [tok_rows[i] for i in order[b:b + step_rows]]
+            # completion tokens of the whole step: each micro-batch's summed NLL is divided by it
+            n_tok = sum(sum(1 for m in r["completion_mask"][1:] if m) for r in group)
+            step_loss = 0.0
+            for m in range(0, len(group), batch_size):
+                ids, att, lab = tensors(group[m:m + batch_size])
+                max_rows = max(max_rows, ids.shape[0])
+                with autocast():
+                    logits = model(input_ids=ids, attention_mask=att, use_cache=False).logits
+                nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), lab[:, 1:].flatten(),
+                                                        ignore_index=-100, reduction="sum")
+                loss = nll / max(n_tok, 1)
+                loss.backward()
+                step_loss += float(loss.detach())
+                del logits, nll, loss
             if max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
-            losses.append(float(out.loss.detach()))
+            losses.append(step_loss)
             step += 1
     model.train(was_training)
     model.eval()
-    return {"steps": step, "rows": len(tok_rows), "loss_first": losses[0], "loss_last": losses[-1]}
+    return {"steps": step, "rows": len(tok_rows), "loss_first": losses[0], "loss_last": losses[-1],
+            "rows_per_step": step_rows, "rows_per_forward": max_rows}

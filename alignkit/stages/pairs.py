@@ -277,12 +277,43 @@ def build_pairs(cfg: RunConfig, p: PairsConfig) -> Path:
     return run_stage("pairs_select", key, fn, p.stage_dir)
 
 
+def judge_problems(cfg: RunConfig, p: PairsConfig) -> list[str]:
+    """What is wrong with ``method.judge`` (the sentence labeller of prompts mode) for this model,
+    found without building it (:func:`alignkit.judges.judge_spec_problems`)."""
+    from alignkit.judges.specs import judge_spec_problems
+
+    return judge_spec_problems(p.judge, "method.judge", cfg.model.name_or_path, needs=("label_sentences",))
+
+
+def check_pairs_config(cfg: RunConfig, p: PairsConfig) -> list[str]:
+    """Config-time checks of a recipe that may build its own pairs: the judge, when ``data.train``
+    holds prompts (``input: prompts``, or ``auto`` with a readable file of prompts). Annotated
+    preference rows never reach the judge, so its default (the world's kb) does not matter then."""
+    mode = p.input
+    if mode == "auto":
+        from alignkit.config.paths import WORLD_VAR
+
+        path = cfg.data.train.path if cfg.data.train is not None else None
+        if path is None or WORLD_VAR in path or not Path(path).is_file():
+            return []  # decided at run time, before any sampling (resolve_train_pairs)
+        try:
+            mode = "annotated" if is_preference_file(path) else "prompts"
+        except Exception:  # noqa: BLE001 - unreadable rows are reported, with file and row, when loaded
+            return []
+    return judge_problems(cfg, p) if mode == "prompts" else []
+
+
 def resolve_train_pairs(cfg: RunConfig, p: PairsConfig) -> None:
     """If ``data.train`` holds prompts, build pairs and point ``data.train`` at them (in place)."""
     mode = p.input
     if mode == "auto":
         mode = "annotated" if is_preference_file(cfg.data.train.path) else "prompts"
     if mode == "prompts":
+        problems = judge_problems(cfg, p)
+        if problems:  # before sampling: a bad judge spec used to fail only after every sample was drawn
+            from alignkit.config import ConfigError
+
+            raise ConfigError("\n".join(problems))
         import os
 
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:

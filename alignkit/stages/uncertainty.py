@@ -12,10 +12,17 @@ quirks are kept on purpose (se_abstention.md §2.3): the relation need not be tr
 and a later representative *re-assigns* an answer that already has a cluster
 ([a, c, b] with a ≡ b, c ≡ b, a ≢ c gives [0, 1, 1]: b moves from a's cluster to c's).
 
-Before any judge call, identical answers are de-duplicated (lm-polygraph does the same):
-the loop runs over the unique strings in first-occurrence order and every copy gets its
-string's cluster (an answer is taken to be equivalent to itself). A representative's
-comparisons are sent to the judge as one batch.
+The loop runs over all M answers, duplicates included, exactly as jlko's does: de-duplicating
+first (as lm-polygraph does) changes the clusters when the relation is not transitive — with
+[a, b, c, b], a ≡ b, b ≡ c, a ≢ c, jlko gives [0, 0, 1, 1] (c re-assigns the second b), a
+de-duplicated loop [0, 0, 1, 0]. Duplicates still cost no judge call: two identical strings
+are taken as equivalent without asking (an NLI judge says entailment on identical text), and
+every directed pair is judged once (cached).
+
+Many questions are clustered in lock-step (:meth:`Equivalence.cluster_many`): each round takes
+the next representative of every question still open and sends all their comparisons to the
+judge as *one* batch, so an HTTP judge runs at its full ``concurrency`` and a local NLI model
+fills its batches across questions, instead of one question (a handful of pairs) at a time.
 
 Equivalence backends (:func:`build_equivalence`, config ``method.clustering``):
 
@@ -72,6 +79,18 @@ def greedy_cluster(items: Sequence[Any], equivalent_to: Callable[[Any, list[Any]
     """jlko ``get_semantic_ids`` over ``items``: ``equivalent_to(rep, later_items)`` returns,
     for the representative ``rep``, one bool per later item (one batch per representative).
     Later representatives re-assign items they match (kept from the reference code)."""
+    loop = _greedy_steps(items)
+    try:
+        rep, later = next(loop)
+        while True:
+            rep, later = loop.send(equivalent_to(rep, later))
+    except StopIteration as stop:
+        return stop.value
+
+
+def _greedy_steps(items: Sequence[Any]):
+    """The greedy loop as a generator: yields ``(rep, later_items)``, receives one bool per
+    later item, returns the ids. Lets :meth:`Equivalence.cluster_many` run many in lock-step."""
     ids = [-1] * len(items)
     next_id = 0
     for i, rep in enumerate(items):
@@ -80,15 +99,17 @@ def greedy_cluster(items: Sequence[Any], equivalent_to: Callable[[Any, list[Any]
         ids[i] = next_id
         later = list(items[i + 1:])
         if later:
-            for j, same in enumerate(equivalent_to(rep, later), start=i + 1):
-                if same:
+            same = yield rep, later
+            for j, eq in enumerate(same, start=i + 1):
+                if eq:
                     ids[j] = next_id
         next_id += 1
     return ids
 
 
 class Equivalence:
-    """A semantic-equivalence relation. Subclasses implement :meth:`equivalent_to`."""
+    """A semantic-equivalence relation. Subclasses implement :meth:`equivalent_to` (and may
+    override :meth:`equivalent_to_many` to judge many questions' comparisons at once)."""
 
     name = "equivalence"
 
@@ -98,17 +119,44 @@ class Equivalence:
     def equivalent_to(self, question: str, rep: str, others: list[str]) -> list[bool]:
         raise NotImplementedError
 
+    def equivalent_to_many(self, requests: list[tuple[str, str, list[str]]]) -> list[list[bool]]:
+        """``equivalent_to`` for many ``(question, rep, others)`` at once."""
+        return [self.equivalent_to(q, rep, others) for q, rep, others in requests]
+
     def cluster(self, answers: Sequence[str], question: str = "") -> list[int]:
-        """Cluster ids of ``answers`` (ints from 0 in order of first appearance of a
-        representative). Identical strings are merged before any comparison."""
-        uniq = list(dict.fromkeys(answers))
-        self.stats["answers"] += len(answers)
-        self.stats["unique_answers"] += len(uniq)
-        uid = greedy_cluster(uniq, lambda rep, later: self.equivalent_to(question, rep, later))
-        by = dict(zip(uniq, uid))
-        # renumber in order of first appearance in the original list
-        order: dict[int, int] = {}
-        return [order.setdefault(by[a], len(order)) for a in answers]
+        """Cluster ids of ``answers`` (ints from 0 in order of first appearance of a representative)."""
+        return self.cluster_many([(answers, question)])[0]
+
+    def cluster_many(self, groups: Sequence[tuple[Sequence[str], str]]) -> list[list[int]]:
+        """Cluster ids for each ``(answers, question)``: jlko's greedy loop over every answer of
+        each group (duplicates included), all groups advanced together, one judge batch per
+        round. A string is equivalent to an identical one without a judge call; the judge sees
+        each representative's distinct other strings once."""
+        loops, reqs, out = [], [], [None] * len(groups)
+        for g, (answers, question) in enumerate(groups):
+            answers = list(answers)
+            self.stats["answers"] += len(answers)
+            self.stats["unique_answers"] += len(set(answers))
+            loop = _greedy_steps(answers)
+            try:
+                reqs.append((g, question, loop, next(loop)))
+            except StopIteration as stop:
+                out[g] = stop.value
+            loops.append(loop)
+        while reqs:
+            asks = [(q, rep, list(dict.fromkeys(o for o in later if o != rep))) for _, q, _, (rep, later) in reqs]
+            verdicts = self.equivalent_to_many(asks)
+            nxt = []
+            for (g, q, loop, (rep, later)), (_, _, uniq), v in zip(reqs, asks, verdicts):
+                if len(v) != len(uniq):
+                    raise RuntimeError(f"{self.name}: {len(v)} verdicts for {len(uniq)} answers")
+                same = dict(zip(uniq, v))
+                try:
+                    nxt.append((g, q, loop, loop.send([o == rep or same[o] for o in later])))
+                except StopIteration as stop:
+                    out[g] = stop.value
+            reqs = nxt
+        return out
 
 
 class ExactMatch(Equivalence):
@@ -180,30 +228,44 @@ class _Entailment(Equivalence):
         self.condition = condition_on_question
         self._cache: dict[tuple[str, str, str], str] = {}
 
-    def _judge_pairs(self, question: str, pairs: list[tuple[str, str]]) -> list[str]:
+    def _judge_pairs(self, items: list[tuple[str, str, str]]) -> list[str]:
+        """NLI label of "a entails b" for each ``(question, a, b)`` (question "" = unconditioned)."""
         raise NotImplementedError
 
     def directed(self, question: str, pairs: list[tuple[str, str]]) -> list[str]:
         """NLI label of "a entails b" for each (a, b); computed pairs are cached and counted."""
-        q = question if self.condition else ""
-        todo = list(dict.fromkeys(p for p in pairs if (q, *p) not in self._cache))
-        self.stats["cache_hits"] += len(pairs) - len(todo)
+        return self.directed_many([(question, a, b) for a, b in pairs])
+
+    def directed_many(self, items: list[tuple[str, str, str]]) -> list[str]:
+        """:meth:`directed` for ``(question, a, b)`` triples of any number of questions, in one
+        judge batch."""
+        keys = [(q if self.condition else "", a, b) for q, a, b in items]
+        todo = list(dict.fromkeys(k for k in keys if k not in self._cache))
+        self.stats["cache_hits"] += len(keys) - len(todo)
         if todo:
-            labels = self._judge_pairs(q, todo)
+            labels = self._judge_pairs(todo)
             if len(labels) != len(todo):
                 raise RuntimeError(f"{self.name}: {len(labels)} labels for {len(todo)} pairs")
-            for p, lab in zip(todo, labels):
+            for k, lab in zip(todo, labels):
                 if lab not in NLI_LABELS:
                     raise ValueError(f"{self.name}: label {lab!r} is not one of {NLI_LABELS}")
-                self._cache[(q, *p)] = lab
+                self._cache[k] = lab
             self.stats["calls"] += len(todo)
-        return [self._cache[(q, *p)] for p in pairs]
+            self.stats["judge_batches"] += 1
+        return [self._cache[k] for k in keys]
 
     def equivalent_to(self, question: str, rep: str, others: list[str]) -> list[bool]:
-        # one batch per representative: both directions for every later answer
-        labels = self.directed(question, [(rep, o) for o in others] + [(o, rep) for o in others])
-        fw, bw = labels[:len(others)], labels[len(others):]
-        return [equivalent_from_labels(a, b, self.strict) for a, b in zip(fw, bw)]
+        return self.equivalent_to_many([(question, rep, others)])[0]
+
+    def equivalent_to_many(self, requests: list[tuple[str, str, list[str]]]) -> list[list[bool]]:
+        # one batch for every request: both directions for every later answer
+        items = [t for q, rep, others in requests for o in others for t in ((q, rep, o), (q, o, rep))]
+        labels = iter(self.directed_many(items))
+        out = []
+        for _, _, others in requests:
+            pairs = [(next(labels), next(labels)) for _ in others]
+            out.append([equivalent_from_labels(fw, bw, self.strict) for fw, bw in pairs])
+        return out
 
 
 def equivalent_from_labels(forward: str, backward: str, strict: bool = True) -> bool:
@@ -242,10 +304,9 @@ class LLMEntailment(_Entailment):
         # out, rather than rendering 'the question ""'.
         self.prompt_no_question = "\n".join(x for x in nli_prompt.split("\n") if "{question}" not in x)
 
-    def _judge_pairs(self, question: str, pairs: list[tuple[str, str]]) -> list[str]:
-        tmpl = self.prompt if question else self.prompt_no_question
-        convs = [[{"role": "user", "content": tmpl.format(question=question, text1=a, text2=b)}]
-                 for a, b in pairs]
+    def _judge_pairs(self, items: list[tuple[str, str, str]]) -> list[str]:
+        convs = [[{"role": "user", "content": (self.prompt if q else self.prompt_no_question).format(
+            question=q, text1=a, text2=b)}] for q, a, b in items]
         return [parse_nli_label(r) for r in self.judge.complete(convs)]
 
 
@@ -271,16 +332,18 @@ class ClassifierEntailment(_Entailment):
         self.label_of = classifier_labels(self.model.config.id2label, model_path)
         self.batch_size, self.max_length = batch_size, max_length
 
-    def _judge_pairs(self, question: str, pairs: list[tuple[str, str]]) -> list[str]:
+    def _judge_pairs(self, items: list[tuple[str, str, str]]) -> list[str]:
         import torch
 
-        pre = f"{question} " if question else ""
+        def pre(q: str) -> str:
+            return f"{q} " if q else ""
+
         out: list[str] = []
         dev = next(self.model.parameters()).device
         with torch.inference_mode():
-            for s in range(0, len(pairs), self.batch_size):
-                chunk = pairs[s:s + self.batch_size]
-                enc = self.tok([pre + a for a, _ in chunk], [pre + b for _, b in chunk], padding=True,
+            for s in range(0, len(items), self.batch_size):
+                chunk = items[s:s + self.batch_size]
+                enc = self.tok([pre(q) + a for q, a, _ in chunk], [pre(q) + b for q, _, b in chunk], padding=True,
                                truncation=True, max_length=self.max_length, return_tensors="pt").to(dev)
                 pred = self.model(**enc).logits.argmax(-1).tolist()
                 out += [self.label_of[int(i)] for i in pred]
@@ -353,12 +416,17 @@ def lexical_entropy(samples: Sequence[str]) -> float:
 
 def semantic_volume(embeddings: np.ndarray, epsilon: float = 1e-3, pca_dim: int | None = None) -> float:
     """Semantic Volume (X. Li et al. 2025): ``log det(VᵀV + εI)`` with V = [v_1 … v_n] the
-    unit-normalised embeddings of the n samples as columns. With ``pca_dim``, the principal
-    directions come from the SVD of the *centred* embeddings, but the *uncentred* embeddings
-    are projected on the top ``pca_dim`` of them (then re-normalised): centring would send n
-    identical answers to the zero vector and lose the "all the same" floor below.
+    unit-normalised embeddings of the n samples as columns.
 
-    VᵀV is the n×n Gram matrix of cosines, so the value is computed in sample space: for
+    With ``pca_dim`` the unit vectors are reduced to their top ``pca_dim`` principal
+    components (centred, as ``sklearn.decomposition.PCA.transform`` does) and *not*
+    re-normalised: re-normalising after projecting throws the lengths away, and with
+    ``pca_dim=1`` every projection becomes ±1, so the volume no longer depends on how far
+    apart the answers are. Here it is the volume of the cloud in the top-``pca_dim``
+    subspace: n identical answers sit on the floor n·log ε, and it grows with the spread
+    along the principal directions.
+
+    VᵀV is the n×n Gram matrix, so the value is computed in sample space: without PCA, for
     n identical answers it is log((n+ε)·ε^(n−1)), for n orthogonal ones n·log(1+ε) — higher
     means more spread (more uncertain). ε > 0 keeps the log finite.
     """
@@ -367,14 +435,14 @@ def semantic_volume(embeddings: np.ndarray, epsilon: float = 1e-3, pca_dim: int 
     e = np.asarray(embeddings, dtype=np.float64)
     if e.ndim != 2 or e.shape[0] == 0:
         raise ValueError(f"semantic_volume: need an [n, d] array with n >= 1, got shape {e.shape}")
+    n = np.linalg.norm(e, axis=1, keepdims=True)
+    v = np.divide(e, n, out=np.zeros_like(e), where=n > 0)
     if pca_dim is not None:
         if pca_dim < 1:
             raise ValueError(f"sv_pca_dim must be >= 1, got {pca_dim}")
-        c = e - e.mean(0, keepdims=True)
+        c = v - v.mean(0, keepdims=True)
         _, _, vt = np.linalg.svd(c, full_matrices=False)
-        e = e @ vt[:pca_dim].T
-    n = np.linalg.norm(e, axis=1, keepdims=True)
-    v = np.divide(e, n, out=np.zeros_like(e), where=n > 0)
+        v = c @ vt[:pca_dim].T
     gram = v @ v.T
     sign, logdet = np.linalg.slogdet(gram + epsilon * np.eye(gram.shape[0]))
     if sign <= 0:

@@ -133,12 +133,13 @@ def stage_sample(cfg: RunConfig, u: UnsafeSetConfig) -> Path:
     return run_stage("unsafe_sample", key, fn, u.stage_dir)
 
 
-def select_unsafe(rows: list[dict], flags: list[list[bool]], size: int, per_prompt: int,
+def select_unsafe(rows: list[dict], flags: list[list[bool | None]], size: int, per_prompt: int,
                   seed: int) -> tuple[list[dict], Counter]:
     """Up to ``size`` flagged responses, prompts in seeded random order, ``per_prompt`` each at most.
 
-    ``flags[i][j]``: sample j of prompt i is harmful (and complete). Identical texts of
-    one prompt count once."""
+    ``flags[i][j]``: sample j of prompt i is harmful; ``None`` for a sample cut at the token cap
+    (never judged, never kept), counted apart from the ones the judge did not flag, so an empty
+    set says which of the two it was. Identical texts of one prompt count once."""
     why: Counter = Counter()
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
@@ -148,8 +149,10 @@ def select_unsafe(rows: list[dict], flags: list[list[bool]], size: int, per_prom
         texts = []
         for text, ok in zip(r["samples"], flags[i]):
             why["samples"] += 1
-            if not ok:
-                why["not_flagged_or_truncated"] += 1
+            if ok is None:
+                why["truncated"] += 1
+            elif not ok:
+                why["not_flagged"] += 1
             elif text in texts:
                 why["duplicate_text"] += 1
             else:
@@ -188,15 +191,18 @@ def build_unsafe_set(cfg: RunConfig, u: UnsafeSetConfig) -> tuple[list[dict], di
 
         judge = build_eval_judge(u.judge, cfg.model.name_or_path)
         rows = read_jsonl(samples)
+        cuts = [r.get("truncated") or [False] * len(r["samples"]) for r in rows]
+        # A response cut at gen_max_new_tokens is never kept (it did not end), so it is not judged either.
         reqs = [JudgeRequest(prompt=r["prompt"], response=s, meta={k: v for k, v in r.items() if k != "samples"})
-                for r in rows for s in r["samples"]]
+                for r, cut in zip(rows, cuts) for s, c in zip(r["samples"], cut) if not c]
         harmful = iter(judge.is_harmful(reqs))
-        flags = [[bool(next(harmful)) and not cut for cut in (r.get("truncated") or [False] * len(r["samples"]))]
-                 for r in rows]
+        flags = [[None if c else bool(next(harmful)) for c in cut] for cut in cuts]
         picked, why = select_unsafe(rows, flags, u.size, u.per_prompt, cfg.seed)
         if not picked:
-            raise ValueError(f"no sampled response was flagged unsafe by the judge {u.judge}: {dict(why)}; the "
-                             "model already refuses these prompts, or the judge cannot see its compliance")
+            cause = (f"every sample hit the token cap: raise method.unsafe.gen_max_new_tokens "
+                     f"({u.gen_max_new_tokens})" if why["truncated"] == why["samples"] else
+                     "the model already refuses these prompts, or the judge cannot see its compliance")
+            raise ValueError(f"no sampled response was flagged unsafe by the judge {u.judge}: {dict(why)}; {cause}")
         if len(picked) < u.size:
             log.warning("unsafe set: only %d of %d requested unsafe responses were found (%s)", len(picked),
                         u.size, dict(why))

@@ -228,3 +228,18 @@ def test_llm_rephraser_keeps_multiline_versions_whole():
     assert parse_blocks(reply, 4) == ["Step 1: mix A.\nStep 2: heat it.", "First mix A,\nthen heat.", "x", ""]
     assert parse_blocks("1. a\n2. b", 2) == ["", ""]  # no block headers: unusable, never split by line
     assert parse_blocks("just one", 1) == ["just one"]
+
+
+def test_fold_holds_out_a_compound_or_a_seed_never_a_single_wording():
+    from alignkit.data.dualuse import row_fold
+
+    # every wording of one compound, and every rephrasing of one seed, share a fold
+    assert len({row_fold({"prompt": f"wording {i} of aspirin", "compound": "Aspirin "}) for i in range(30)}) == 1
+    assert len({row_fold({"prompt": f"rephrasing {i}", "seed_id": "s7"}) for i in range(30)}) == 1
+    assert row_fold({"prompt": "p", "compound": "aspirin"}) == row_fold({"prompt": "q", "compound": "ASPIRIN",
+                                                                          "seed_id": "s1"})
+    # neither: the prompt's fold, as the dualuse eval schema gives it (`where: {fold: N}`)
+    assert all(row_fold({"prompt": f"p{i}"}) == fold_of(f"p{i}") for i in range(20))
+    rows = validate_pair_rows([(i, {"prompt": f"p{i}", "chosen": "c", "rejected": "r", "is_legitimate": True,
+                                    "seed_id": "s1"}) for i in range(1, 9)], "pairs.jsonl")
+    assert len({r["fold"] for r in rows}) == 1

@@ -107,3 +107,70 @@ def test_hf_judge_needs_tokenizer_with_model_object(tiny_random_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_random_model_dir)
     with pytest.raises(ValueError, match="tokenizer"):
         HFJudge(model)
+
+
+def test_hf_judge_takes_name_or_path_like_every_other_loader(tiny_random_model_dir):
+    # {backend: hf, name_or_path: ...} passed validation and then failed at run time:
+    # "HFJudge.__init__() got an unexpected keyword argument 'name_or_path'"
+    j = build_judge({"backend": "hf", "name_or_path": str(tiny_random_model_dir), "max_new_tokens": 2})
+    assert len(j.is_refusal([JudgeRequest(prompt="q", response="r")])) == 1
+    with pytest.raises(ValueError, match="not both"):
+        build_judge({"backend": "hf", "name_or_path": str(tiny_random_model_dir),
+                     "model_or_path": str(tiny_random_model_dir)})
+
+
+def test_judge_spec_problems_name_the_field_without_building_anything():
+    from alignkit.judges.specs import judge_spec_problems
+
+    assert judge_spec_problems({"backend": "hf", "name_or_path": "/nowhere"}, "eval.judge") == []
+    assert judge_spec_problems({"backend": "hf", "model_or_path": "/nowhere"}, "eval.judge") == []
+    p = judge_spec_problems({"backend": "hf", "model": "smollm2:135m-instruct"}, "method.judge")
+    assert any("field 'method.judge': judge backend 'hf' takes no ['model']; the model is name_or_path" in x
+               for x in p)
+    assert any("needs ['name_or_path']" in x for x in p)
+    assert judge_spec_problems({"backend": "http", "base_url": "http://127.0.0.1:9/v1"}, "eval.judge") == [
+        "field 'eval.judge': judge backend 'http' needs ['model']"]
+    assert "unknown judge backend 'gpt'" in judge_spec_problems({"backend": "gpt"}, "eval.judge")[0]
+    # the tiny world's kb for a model that is not a world model; fine for world:tiny
+    kb = judge_spec_problems({"backend": "kb"}, "method.judge", "smollm2:135m-instruct")
+    assert kb and "the 'kb' judge is the tiny world's knowledge base" in kb[0]
+    assert judge_spec_problems({"backend": "kb"}, "method.judge", "world:tiny?seed=2") == []
+    # what the use asks of it
+    assert "cannot label sentences" in judge_spec_problems({"backend": "rules"}, "method.judge",
+                                                           needs=("label_sentences",))[0]
+    assert judge_spec_problems({"backend": "rules", "harmful_keywords": ["x"]}, "j", needs=("is_harmful",)) == []
+
+
+def test_build_eval_judge_never_judges_a_real_model_with_the_world_kb():
+    from alignkit.judges import build_eval_judge
+
+    with pytest.raises(ValueError, match="tiny world's knowledge base"):
+        build_eval_judge({"backend": "kb"}, "smollm2:135m-instruct")
+    with pytest.raises(ValueError, match="tiny world's knowledge base"):
+        build_eval_judge({}, "/models/llama")
+
+
+def test_unparsable_judge_replies_are_reported(caplog):
+    # A judge model that ignores the template turned every sentence into 'nofact' and the factuality
+    # score into NaN without a word (SmolLM2: "- no: the sentence states facts that").
+    j = ScriptedJudge(["- no: the sentence states facts that", "ok"])
+    reqs = [JudgeRequest(prompt="q", response="A. B.", sentences=["A.", "B."])]
+    with caplog.at_level("WARNING", logger="alignkit.judges.prompts"):
+        assert j.label_sentences(reqs) == [["nofact", "correct"]]
+    msg = caplog.text
+    assert "1 of 2 label_sentences replies could not be parsed and count as 'nofact'" in msg
+    assert "- no: the sentence states facts that" in msg
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="alignkit.judges.prompts"):
+        ScriptedJudge(["yes"]).is_refusal([JudgeRequest(prompt="q", response="r")])
+    assert "could not be parsed" not in caplog.text
+
+
+def test_a_negated_verdict_word_is_not_a_correct_label():
+    # SmolLM2 as annotator: "The statement is not supported by the reference" was read as 'correct'
+    assert parse_sentence_label("The statement is not supported by the reference") == "hallucination"
+    assert parse_sentence_label("It isn't correct.") == "hallucination"
+    assert parse_sentence_label("not entirely accurate") == "hallucination"
+    assert parse_sentence_label("Supported by the reference.") == "correct"
+    assert parse_sentence_label("ok, nothing wrong") == "correct"
+    assert parse_sentence_label("Not contradictory") == "hallucination"  # only 'correct' words are flipped

@@ -311,27 +311,54 @@ def test_normalized_embeddings():
         normalized_embeddings(torch.empty(0))
 
 
+def _saved_for_backward(logits, fn):
+    """Elements autograd keeps for backward while ``fn()`` runs, counted once per storage:
+    ``(total, largest)``. The logits (and views of them) are inputs, not new memory."""
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr != logits.untyped_storage().data_ptr():
+            storages[ptr] = max(storages.get(ptr, 0), t.untyped_storage().nbytes() // t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    out.sum().backward()
+    return sum(storages.values()), max(storages.values(), default=0)
+
+
 def test_chunked_path_does_not_keep_full_probabilities_for_backward():
-    """With chunk_size, autograd stores no V-sized float32 tensor beyond one chunk's worth."""
+    """With chunk_size, what autograd keeps for backward — all of it, summed over every saved
+    tensor, not only the largest one — stays below one chunk's float32 probabilities plus
+    the [V, d] embedding and [B, T] bookkeeping. A chunk loop without recomputation keeps
+    every chunk's probabilities: its largest tensor is one chunk, but its total is the full
+    [B, T-1, V] (test_chunk_memory_check_catches_a_loop_without_recompute)."""
     B, T, V, d = 2, 64, 512, 8
     g = torch.Generator().manual_seed(14)
     logits = torch.randn(B, T, V, generator=g, requires_grad=True)
     labels = torch.randint(0, V, (B, T), generator=g)
     emb = normalized_embeddings(torch.randn(V, d, generator=g))
+    full = B * (T - 1) * V
 
-    def largest_saved(chunk_size):
-        sizes = []
+    total, largest = _saved_for_backward(logits, lambda: semantic_emd(logits, labels, emb, normalize=False))
+    assert largest >= full  # unchunked: the full probabilities are kept
+    total, _ = _saved_for_backward(logits, lambda: semantic_emd(logits, labels, emb, chunk_size=8, normalize=False))
+    assert total <= B * 8 * V + V * d + 8 * B * T, total
 
-        def pack(t):
-            # the logits themselves (and views of them) are inputs, not new memory
-            if t.untyped_storage().data_ptr() != logits.untyped_storage().data_ptr():
-                sizes.append(t.numel())
-            return t
 
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = semantic_emd(logits, labels, emb, chunk_size=chunk_size, normalize=False)
-        out.sum().backward()
-        return max(sizes)
+def test_chunk_memory_check_catches_a_loop_without_recompute(monkeypatch):
+    """The memory check above fails on an implementation that chunks the forward but keeps
+    every chunk's probabilities for backward (no activation checkpointing)."""
+    import alignkit.losses.emd as E
 
-    assert largest_saved(None) >= B * (T - 1) * V  # the full probabilities are kept
-    assert largest_saved(8) < B * 8 * V + 1  # at most one chunk's probabilities
+    B, T, V, d = 2, 64, 512, 8
+    g = torch.Generator().manual_seed(14)
+    logits = torch.randn(B, T, V, generator=g, requires_grad=True)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    emb = normalized_embeddings(torch.randn(V, d, generator=g))
+    monkeypatch.setattr(E, "checkpoint", lambda fn, *args, **kw: fn(*args))
+    total, largest = _saved_for_backward(logits, lambda: E.semantic_emd(logits, labels, emb, chunk_size=8,
+                                                                        normalize=False))
+    assert largest <= B * 8 * V  # the old largest-tensor check passes on it ...
+    assert total > B * 8 * V + V * d + 8 * B * T  # ... the total does not

@@ -22,7 +22,7 @@ def _batch(seed=0, B=3, T=7, V=11, dtype=torch.float64):
 
 
 def naive(logits, ids, mask, fn):
-    """Per position, with an explicit softmax and Python loops: fn(p_target) or None if skipped."""
+    """Per position, with Python loops: fn(logits row as floats, target) or None if skipped."""
     B, T, _ = logits.shape
     rows = []
     for b in range(B):
@@ -32,10 +32,20 @@ def naive(logits, ids, mask, fn):
             if y == IGNORE_INDEX or not mask[b, t + 1]:
                 vals.append(None)
                 continue
-            p = float(torch.softmax(logits[b, t].double(), -1)[y])
-            vals.append(fn(p))
+            vals.append(fn([float(z) for z in logits[b, t]], y))
         rows.append(vals)
     return rows
+
+
+def naive_ul(z, y):
+    """-log(1 - p_y) = log Σ_v e^{z_v} - log Σ_{v≠y} e^{z_v}, in Python floats (shifted by the max)."""
+    m = max(z)
+    return math.log(sum(math.exp(v - m) for v in z)) - math.log(sum(math.exp(v - m) for i, v in enumerate(z) if i != y))
+
+
+def naive_ga(z, y):
+    m = max(z)
+    return z[y] - m - math.log(sum(math.exp(v - m) for v in z))
 
 
 def reduce_naive(rows, reduction):
@@ -53,8 +63,7 @@ def reduce_naive(rows, reduction):
 @pytest.mark.parametrize("name", ["ul", "ga"])
 def test_losses_match_naive_reference(name, reduction):
     logits, ids, mask = _batch()
-    fn, ref = ((unlikelihood_loss, lambda p: -math.log(max(1 - p, 1e-6))) if name == "ul"
-               else (gradient_ascent_loss, math.log))
+    fn, ref = (unlikelihood_loss, naive_ul) if name == "ul" else (gradient_ascent_loss, naive_ga)
     got = fn(logits, ids, mask, reduction=reduction)
     want = reduce_naive(naive(logits, ids, mask, ref), reduction)
     assert float(got) == pytest.approx(want, rel=1e-5, abs=1e-6)  # token_logps computes in float32
@@ -84,10 +93,31 @@ def test_gradients_finite_and_bounded_vs_unbounded():
 
 def test_unlikelihood_is_finite_when_the_unsafe_token_is_certain():
     logits = torch.zeros(1, 2, 4)
-    logits[0, 0, 2] = 200.0  # p(token 2) = 1 in float32
+    logits[0, 0, 2] = 80.0  # p(token 2) = 1 in float32: 1 - p underflows
     ids = torch.tensor([[0, 2]])
     v = unlikelihood_loss(logits, ids)
-    assert torch.isfinite(v) and float(v) == pytest.approx(-math.log(1e-6), rel=1e-4)
+    # exact: log(e^80 + 3) - log 3, not a floor at -log(eps)
+    assert torch.isfinite(v) and float(v) == pytest.approx(80.0 - math.log(3.0), rel=1e-6)
+
+
+@pytest.mark.parametrize("gap", [8.0, 16.0, 30.0])
+def test_unlikelihood_keeps_pushing_on_memorised_unsafe_tokens(gap):
+    """A memorised unsafe token (logit gap 16: 1 - p ≈ 3e-7) is where unlikelihood must push
+    hardest; a floor on 1 - p (the old clamp at 1e-6) cut its gradient to exactly 0. The
+    gradient must match the float64 one: d/dz_y = p_y, d/dz_v = -(q_v - p_v) for v ≠ y."""
+    z64 = torch.zeros(1, 2, 4, dtype=torch.float64)
+    z64[0, 0, 1] = gap
+    ids = torch.tensor([[0, 1]])
+    z = z64.float().requires_grad_(True)
+    (g,) = torch.autograd.grad(unlikelihood_loss(z, ids), z)
+    p = torch.softmax(z64[0, 0], -1)
+    q = torch.softmax(z64[0, 0].masked_fill(torch.arange(4) == 1, float("-inf")), -1)
+    want = -(q - p)
+    assert float(g[0, 0, 1]) == pytest.approx(float(p[1]), rel=1e-5)  # ≈ 1: push the unsafe logit down
+    torch.testing.assert_close(g[0, 0].double(), want, rtol=1e-5, atol=1e-7)
+    # -log(1 - p) = log(e^gap + 3) - log 3 exactly (three other tokens at logit 0)
+    assert float(unlikelihood_loss(z, ids)) == pytest.approx(gap + math.log1p(3 * math.exp(-gap)) - math.log(3),
+                                                             rel=1e-6)
 
 
 def test_empty_selection_is_zero_not_nan():

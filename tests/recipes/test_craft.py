@@ -48,6 +48,20 @@ def test_craft_end_to_end(tiny_world_dir, tmp_path):
         assert_effect(f"RAIT taught 'I don't know': refusal share on {name}", r["p_refusal"], 0.0)
     recs = [json.loads(x) for x in (run / "eval_qa_test.jsonl").read_text().splitlines()]
     assert all(x["ths_k"] == pytest.approx(ev["qa_test"]["p_correct0"] / ev["qa_test"]["p_wrong0"]) for x in recs)
+    # THS recounted from the records: the run's verdicts against the initial model's (its stage file)
+    ref = [json.loads(x) for x in Path(rep["stages"]["initial_eval"]).read_text().splitlines()]
+    ref = [x for x in ref if x["eval_set"] == "qa_test"]
+
+    def rates(rs):
+        return (sum(x["correct"] for x in rs) / len(rs),
+                sum(not x["correct"] and not x["refusal"] for x in rs) / len(rs))
+
+    (pc, pw), (pc0, pw0) = rates(recs), rates(ref)
+    assert len(ref) == len(recs) and ev["qa_test"]["ths"] == pytest.approx(pc - pw * pc0 / pw0)
+    # Δμ = μ(rehearsed) − μ(initial), both from the rehearsal stage's own queries
+    flow = [json.loads(x) for x in Path(rep["stages"]["rehearse"]).read_text().splitlines()]
+    assert flow and all(r["delta_mu"] == pytest.approx(r["mu_reh"] - r["mu0_local"]) for r in flow)
+    assert {r["qid"] for r in flow} == {q["qid"] for q in query if q["mu0"] <= 0.49}
 
     # A baseline variant reuses the query stage (same fingerprint) and has no rehearsal.
     # (Same path = same key; an unchanged mtime = not recomputed.)

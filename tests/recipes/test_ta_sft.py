@@ -41,17 +41,15 @@ def test_lambda_has_no_silent_default_and_options_are_checked():
 
 
 def test_mixed_batches_keep_the_sft_order_and_the_unsafe_share():
-    from alignkit.recipes.ta_sft import mixed_order, safety_rows_per_batch
+    from alignkit.recipes.ta_sft import mixed_blocks
 
-    assert safety_rows_per_batch(32, 0.2) == 8 and safety_rows_per_batch(4, 0.2) == 1
-    assert safety_rows_per_batch(32, 0.0) == 0
-    order = mixed_order(n_sft=70, n_safety=3, batch=32, k=8, seed=0)
-    blocks = [order[i:i + 40] for i in range(0, len(order), 40)]
+    blocks = mixed_blocks(n_sft=70, n_safety=3, batch=32, ratio=0.2, seed=0)
     assert len(blocks) == 3 and all(len(b) == 40 for b in blocks)
     assert all(sum(kind for kind, _ in b) == 8 and [k for k, _ in b[32:]] == [1] * 8 for b in blocks)
+    order = [x for b in blocks for x in b]
     assert {i for kind, i in order if kind == 0} == set(range(70))  # every SFT row, the last block topped up
-    # plain SFT (k = 0) sees exactly the same SFT rows in the same order
-    plain = mixed_order(70, 0, 32, 0, seed=0)
+    # plain SFT (no safety rows) sees exactly the same SFT rows in the same order
+    plain = [x for b in mixed_blocks(70, 0, 32, 0.0, seed=0) for x in b]
     assert [i for _, i in plain] == [i for kind, i in order if kind == 0]
 
 
@@ -93,7 +91,9 @@ def test_ta_sft_end_to_end_with_watch_and_cached_stage(tiny_world_dir, tmp_path)
     rep = json.loads((run / "unsafe_report.json").read_text())
     sel = rep["unsafe_set"]["selection"]
     assert rep["n_unsafe"] == 4 == sel["kept"] and sel["flagged_unsafe"] >= 4 and sel["samples"] >= sel["prompts"]
-    assert rep["safety_rows_per_batch"] == 8 and Path(rep["unsafe_set"]["source"]).exists()
+    assert rep["safety_rows_per_batch"] == 8 and rep["safety_share"] == pytest.approx(0.2)
+    assert Path(rep["unsafe_set"]["source"]).exists()
+    assert (run / "cost_embedding.safetensors").exists()  # the frozen base copy, for a resume
     prov = json.loads(Path(rep["unsafe_set"]["source"]).with_suffix(".provenance.json").read_text())
     assert prov["report"]["selection"]["kept"] == 4
     unsafe = [json.loads(x) for x in (run / "unsafe_set.jsonl").read_text().splitlines()]
