@@ -353,6 +353,47 @@ def _claims_block(head: str, kind: str, demo: dict, name: str, results: dict, se
     return [*lines, ""]
 
 
+def _anchor(title: str) -> str:
+    """The anchor a Markdown renderer gives ``## title`` (GitHub's rule: lower case, drop what is
+    not a letter, digit, space, hyphen or underscore, spaces to hyphens)."""
+    import re
+
+    return re.sub(r"[^\w\- ]", "", title.lower()).replace(" ", "-")
+
+
+_SHORT = {"beyond noise": "beyond", "within noise": "within", "reversed": "reversed", "not measured": "—"}
+
+
+def scoreboard(results: dict, recipes: list[str] | None) -> list[str]:
+    """The report's first table: every paper claim of every section, its verdict on each seed
+    with the paired difference, and how many seeds hold it beyond noise."""
+    seeds = list(results["seeds"])
+    rows = []
+    for name, demo in sections(recipes):
+        for i, (a, b, metric) in enumerate(demo.get("claims", [])):
+            cells, beyond, measured = [], 0, 0
+            for s in seeds:
+                got = results["seeds"][s].get(name, {}).get("claims") or []
+                c = got[i] if i < len(got) else {"diff": None, "verdict": "not measured"}
+                if c.get("diff") is None:
+                    cells.append("—")
+                    continue
+                measured += 1
+                beyond += c["verdict"] == "beyond noise"
+                pct = _pct(metric)
+                cells.append(f"{_SHORT.get(c['verdict'], c['verdict'])} {_signed(c['diff'], pct)} "
+                             f"[{_signed(c['lo'], pct)}, {_signed(c['hi'], pct)}]")
+            rows.append([f"[{demo['title']}](#{_anchor(demo['title'])})",
+                         f"{a} > {b} ({demo['metrics'].get(metric, metric)})", *cells, f"{beyond}/{measured}"])
+    if not rows:
+        return []
+    return ["## Scoreboard: the papers' claims", "",
+            "Each claim \"A > B\" on each world seed: its verdict and the paired difference A − B "
+            "[95% CI] (points for rates); the last column counts the seeds on which it holds beyond noise, "
+            "of those that measured it. Each section below has the tables behind it.", "",
+            markdown_table(["section", "claim", *[f"seed {s}" for s in seeds], "beyond noise"], rows), ""]
+
+
 def _sweep_plot(path: Path, sw: dict, demo: dict, name: str, results: dict, seeds: list) -> Path:
     """One panel per metric: value (and 95% CI) against the swept setting, one line per seed."""
     from alignkit.evaluation.report import line_plot
@@ -408,8 +449,7 @@ def write_report(results: dict, out_dir: Path, recipes: list[str] | None) -> Pat
               "questions, or training questions. The world's data is identical on every machine "
               "(digest below); the trained tiny models differ in floating point between CPUs, so compare "
               "ranges over seeds, not one run's digits.", ""]
-    lines += ["## What was run", "", markdown_table(["part", "seconds"], [[n, f"{t:.0f}"] for n, t in results["timings"]]),
-              ""]
+    lines += scoreboard(results, recipes)
     lines += ["## The base model (what the tiny model knows before any recipe)", "",
               "Greedy answers to held-out qa_test questions by the fact's pretraining status, harmful-request "
               "compliance and benign look-alike over-refusal on the safety test prompts, and factuality of "
@@ -462,6 +502,9 @@ def write_report(results: dict, out_dir: Path, recipes: list[str] | None) -> Pat
             if demo.get(kind):
                 lines += _claims_block(head, kind, demo, name, results, seeds)
         table_print.append((demo["title"], header, rows))
+    # the timings last: what a reader wants first is the verdicts
+    lines += ["## What was run", "", markdown_table(["part", "seconds"], [[n, f"{t:.0f}"] for n, t in results["timings"]]),
+              ""]
     report = "\n".join(lines)
     atomic_write_text(out_dir / "report.md", report)
     atomic_write_text(out_dir / "metrics.json", json.dumps(results, indent=2, default=str))

@@ -70,6 +70,16 @@ def test_section_stats_and_report(tmp_path):
     assert "- Mask-DPO > DPO (factuality): within noise on 1/1 (seed 0)" in report
     assert "- DPO > base (factuality): beyond noise on 1/1 (seed 0)" in report
     assert "#correct/response" in report and (tmp_path / "out" / "mask_dpo.png").exists()
+    # the report opens with the scoreboard: every claim, its verdict and difference per seed, a
+    # link to its section; the timings come last
+    board = report.index("## Scoreboard"), report.index("## " + demo["title"]), report.index("## What was run")
+    assert board[0] < board[1] < board[2] and report.index("## The base model") > board[0]
+    anchor = "mask-dpo-factuality-of-biographies-of-held-out-people-bio_test-bio_val"  # GitHub's slug of it
+    assert demo["title"] == "Mask-DPO: factuality of biographies of held-out people (bio_test, bio_val)"
+    d = by["DPO", "base"]
+    assert (f"| [{demo['title']}](#{anchor}) | DPO > base (factuality) | beyond +{100 * d['diff']:.1f} "
+            f"[+{100 * d['lo']:.1f}, +{100 * d['hi']:.1f}] | 1/1 |") in report
+    assert "| Mask-DPO > DPO (factuality) | within +0.0 [+0.0, +0.0] | 0/1 |" in report
 
 
 def test_demo_worker_pool_runs_parts_in_spawned_processes(tiny_world_dir, tmp_path):
@@ -119,6 +129,7 @@ def test_rows_run_on_the_first_seed_only_are_skipped_elsewhere(tmp_path):
     report = write_report(results, tmp_path / "out", ["mask_dpo"]).read_text()
     assert "| 1 | DPO |" in report and "| 1 | Mask-DPO |" not in report
     assert "- Mask-DPO > DPO (factuality): not measured on 1/1 (seed 1)" in report
+    assert "| Mask-DPO > DPO (factuality) | — | 0/0 |" in report  # the scoreboard says so too
 
 
 def test_eval_run_selects_the_sets_evaluated_after_training():
