@@ -159,3 +159,31 @@ def assert_effect(name: str, value: float, bound: float, above: bool = True) -> 
             f.write(json.dumps(rec) + "\n")
     ok = value > bound if above else value < bound
     assert ok, f"learned effect '{name}': {value} is not {'>' if above else '<'} {bound}"
+
+
+def edited_source(obj):
+    """The source of a module or function as inspect (hence code_digest) sees it, with one more
+    comment: a code change, without touching the file."""
+    import contextlib
+    import inspect
+    import linecache
+    import os
+
+    @contextlib.contextmanager
+    def ctx():
+        f = inspect.getsourcefile(obj)
+        linecache.checkcache(f)
+        lines = list(linecache.getlines(f))
+        if inspect.ismodule(obj):
+            lines.append("# edited\n")
+        else:
+            i = obj.__code__.co_firstlineno - 1
+            lines[i] = lines[i].rstrip("\n") + "  # edited\n"
+        st = os.stat(f)
+        linecache.cache[f] = (st.st_size, st.st_mtime, lines, f)
+        try:
+            yield
+        finally:
+            linecache.cache.pop(f, None)
+
+    return ctx()

@@ -71,3 +71,29 @@ TASK_OPTIONS: dict[str, Callable[[dict], object]] = {
     "dualuse": dualuse_options,
     "jailbreak": validate_task_options,
 }
+
+
+def recipe_qa_eval_options(datasets: dict, want: dict, sources: dict[str, str] | None = None
+                           ) -> tuple[dict[str, dict], list[str]]:
+    """``{qa eval set: its options with the recipe's ``want`` filled in}`` and the problems:
+    invalid options, or options written in the config that disagree with ``want`` (the model
+    would be trained on one prompt or phrase and evaluated on another). ``sources`` names the
+    ``method.`` field each option comes from where the names differ."""
+    sources = sources or {}
+    out: dict[str, dict] = {}
+    problems: list[str] = []
+    for name, es in datasets.items():
+        if es.task != "qa":
+            continue
+        where = f"eval.datasets.{name}.options"
+        try:
+            have = qa_options(es.options, where)
+        except ValueError as e:
+            problems.append(f"field {e}")
+            continue
+        for k, v in want.items():
+            if k in have and have[k] != v:
+                problems.append(f"field '{where}.{k}': {have[k]!r} differs from method.{sources.get(k, k)} {v!r} (the "
+                                "model is trained on one and would be evaluated on the other); drop it or make them equal")
+        out[name] = {**have, **want}
+    return out, problems

@@ -229,28 +229,14 @@ def eval_options(cfg: RunConfig, method: Method, reference: bool = False) -> tup
     """``{qa eval set: options}`` with the recipe's filled in, and the problems: options written in
     the config that disagree with ``method``. ``reference``: the options of the initial model's
     evaluation (THS's reference point), asked with ``method.reference_template``."""
-    from alignkit.config.tasks import qa_options
+    from alignkit.config.tasks import recipe_qa_eval_options
 
-    want = recipe_qa_options(method)
-    out: dict[str, dict] = {}
-    problems: list[str] = []
-    for name, es in cfg.eval.datasets.items():
-        if es.task != "qa":
-            continue
-        where = f"eval.datasets.{name}.options"
-        try:
-            have = qa_options(es.options, where)
-        except ValueError as e:
-            problems.append(f"field {e}")
-            continue
-        for k, v in want.items():
-            if k in have and have[k] != v:
-                src = {"question_template": "prompt_template", "abstain_phrase": "eval_refusal_phrase"}.get(k, k)
-                problems.append(f"field '{where}.{k}': {have[k]!r} differs from method.{src} {v!r} (the model is "
-                                "trained on one and would be evaluated on the other); drop it or make them equal")
-        out[name] = {**have, **want}
-        if reference:
-            out[name]["question_template"] = method.reference_template
+    out, problems = recipe_qa_eval_options(
+        cfg.eval.datasets, recipe_qa_options(method),
+        {"question_template": "prompt_template", "abstain_phrase": "eval_refusal_phrase"})
+    if reference:
+        for opts in out.values():
+            opts["question_template"] = method.reference_template
     return out, problems
 
 

@@ -239,27 +239,10 @@ def recipe_qa_options(method: Method) -> dict:
 def eval_options(cfg: RunConfig, method: Method) -> tuple[dict[str, dict], list[str]]:
     """``{qa eval set: its options with the recipe's filled in}`` and the problems: invalid
     options, or options written in the config that disagree with ``method``."""
-    from alignkit.config.tasks import qa_options
+    from alignkit.config.tasks import recipe_qa_eval_options
 
-    want = recipe_qa_options(method)
-    out: dict[str, dict] = {}
-    problems: list[str] = []
-    for name, es in cfg.eval.datasets.items():
-        if es.task != "qa":
-            continue
-        where = f"eval.datasets.{name}.options"
-        try:
-            have = qa_options(es.options, where)
-        except ValueError as e:
-            problems.append(f"field {e}")
-            continue
-        for k, v in want.items():
-            if k in have and have[k] != v:
-                src = {"question_template": "prompt_template"}.get(k, k)
-                problems.append(f"field '{where}.{k}': {have[k]!r} differs from method.{src} {v!r} (the model is trained "
-                                "on one and would be evaluated on the other); drop it or make them equal")
-        out[name] = {**have, **want}
-    return out, problems
+    return recipe_qa_eval_options(cfg.eval.datasets, recipe_qa_options(method),
+                                  {"question_template": "prompt_template"})
 
 
 def load_questions(source, need_answers: bool, max_errors: int = 20) -> list[dict]:

@@ -15,6 +15,7 @@ import torch
 from alignkit.config import ConfigError
 from alignkit.recipes import load_config
 from alignkit.recipes.craft import Method
+from conftest import edited_source
 
 ROOT = Path(__file__).resolve().parents[2]
 YAML = ROOT / "recipes" / "craft.yaml"
@@ -229,27 +230,6 @@ def test_mcqa_query_on_the_tiny_world_reports_letter_mass(tiny_world_dir, tmp_pa
 # ---------------------------------------------------------------- the initial eval: key and THS
 
 
-def _edited(obj):
-    import contextlib
-    import inspect
-    import linecache
-    import os
-
-    @contextlib.contextmanager
-    def ctx():
-        f = inspect.getsourcefile(obj)
-        linecache.checkcache(f)
-        lines = list(linecache.getlines(f)) + ["# edited\n"]
-        st = os.stat(f)
-        linecache.cache[f] = (st.st_size, st.st_mtime, lines, f)
-        try:
-            yield
-        finally:
-            linecache.cache.pop(f, None)
-
-    return ctx()
-
-
 def test_initial_eval_key_covers_the_judge_code(tiny_world_dir, tmp_path, monkeypatch):
     """The initial model's eval records give THS's (P_c0, P_w0): a changed judge (a refusal
     pattern, a matching rule) must not reuse them."""
@@ -268,7 +248,7 @@ def test_initial_eval_key_covers_the_judge_code(tiny_world_dir, tmp_path, monkey
     cfg, method = _cfg(tmp_path)
     C.stage_initial_eval(cfg, method)
     for mod in (kb, rules):
-        with _edited(mod):
+        with edited_source(mod):
             C.stage_initial_eval(cfg, method)
     C.stage_initial_eval(cfg, method)
     assert keys[1] != keys[0] and keys[2] != keys[0] and keys[3] == keys[0]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_effect
+from conftest import assert_effect, edited_source
 
 ROOT = Path(__file__).resolve().parents[2]
 YAML = str(ROOT / "recipes/se_abstention.yaml")
@@ -336,34 +336,6 @@ class _Keys:
         return p
 
 
-def _edited(obj):
-    """The source of a module or function as inspect (hence code_digest) sees it, with one more
-    comment: a code change, without touching the file."""
-    import contextlib
-    import inspect
-    import linecache
-    import os
-
-    @contextlib.contextmanager
-    def ctx():
-        f = inspect.getsourcefile(obj)
-        linecache.checkcache(f)
-        lines = list(linecache.getlines(f))
-        if inspect.ismodule(obj):
-            lines.append("# edited\n")
-        else:
-            i = obj.__code__.co_firstlineno - 1
-            lines[i] = lines[i].rstrip("\n") + "  # edited\n"
-        st = os.stat(f)
-        linecache.cache[f] = (st.st_size, st.st_mtime, lines, f)
-        try:
-            yield
-        finally:
-            linecache.cache.pop(f, None)
-
-    return ctx()
-
-
 @pytest.fixture
 def stage_keys(tiny_world_dir, tmp_path, monkeypatch):
     """Each stage's cache key, computed without running it (run_stage records the key)."""
@@ -402,7 +374,7 @@ def test_score_key_covers_semantic_entropy_judges_and_embedder_files(stage_keys)
 
     base = stage_keys("score")
     for obj in (metrics.semantic_entropy, kb):  # SE itself and the standard answer's judge
-        with _edited(obj):
+        with edited_source(obj):
             assert stage_keys("score") != base, obj
     assert stage_keys("score") == base
     # the Semantic Volume embedder's files: new weights at the same path
@@ -417,7 +389,7 @@ def test_sweep_key_covers_evaluation_and_aed_code(stage_keys):
 
     base = stage_keys("sweep")
     for obj in (ev_tasks, metrics.accuracy_engagement_distance, kb):  # what turns a model into the AED
-        with _edited(obj):
+        with edited_source(obj):
             assert stage_keys("sweep") != base, obj
     assert stage_keys("sweep") == base
 
@@ -426,7 +398,7 @@ def test_sample_key_covers_the_generation_backends(stage_keys):
     import alignkit.generation.backends as gb
 
     base = stage_keys("sample")
-    with _edited(gb):
+    with edited_source(gb):
         assert stage_keys("sample") != base
     assert stage_keys("sample") == base
 
