@@ -270,7 +270,10 @@ def run_demo(seed: int = 0, recipes: list[str] | None = None, out: str = "runs/d
         with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"),
                                  initializer=_worker_init, initargs=(threads,)) as pool:
             done += list(pool.map(_run_item, items, [out_dir] * len(items), [smoke] * len(items)))
-    results: dict = {"seeds": {s: {} for s in all_seeds}, "world": {}, "jobs": max(1, jobs), "smoke": smoke}
+    from alignkit.world.numerics import is_pinned
+
+    results: dict = {"seeds": {s: {} for s in all_seeds}, "world": {}, "jobs": max(1, jobs), "smoke": smoke,
+                     "numerics": "testbed" if is_pinned() else "native"}
     timings: list[tuple[str, float]] = []
     for item, res, t in done:
         timings += t
@@ -434,6 +437,14 @@ def _run_extras(demo: dict, name: str, results: dict, seeds: list, out_dir: Path
     return lines
 
 
+def _numerics_sentence(mode: str | None) -> str:
+    if mode == "testbed":
+        return ("This run was in the testbed's reproducible numeric mode (AVX2 kernels, 2 threads; "
+                "docs/testbed.md): the same library versions give these digits on every x86-64 machine.")
+    return ("This run used PyTorch's native kernels (ALIGNKIT_NUMERICS=native): the trained tiny models differ "
+            "in floating point between CPUs, so compare ranges over seeds, not one run's digits.")
+
+
 def write_report(results: dict, out_dir: Path, recipes: list[str] | None) -> Path:
     from alignkit.core.io import atomic_write_text
 
@@ -450,8 +461,7 @@ def write_report(results: dict, out_dir: Path, recipes: list[str] | None) -> Pat
               "when the interval's lower bound is above 0, *reversed* when its upper bound is below 0, "
               "*within noise* otherwise. Each section says what each column measures — held-out people or "
               "questions, or training questions. The world's data is identical on every machine "
-              "(digest below); the trained tiny models differ in floating point between CPUs, so compare "
-              "ranges over seeds, not one run's digits.", ""]
+              "(digest below). " + _numerics_sentence(results.get("numerics")), ""]
     lines += scoreboard(results, recipes)
     lines += ["## The base model (what the tiny model knows before any recipe)", "",
               "Greedy answers to held-out qa_test questions by the fact's pretraining status, harmful-request "

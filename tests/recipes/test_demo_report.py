@@ -80,6 +80,11 @@ def test_section_stats_and_report(tmp_path):
     assert (f"| [{demo['title']}](#{anchor}) | DPO > base (factuality) | beyond +{100 * d['diff']:.1f} "
             f"[+{100 * d['lo']:.1f}, +{100 * d['hi']:.1f}] | 1/1 |") in report
     assert "| Mask-DPO > DPO (factuality) | within +0.0 [+0.0, +0.0] | 0/1 |" in report
+    # the header says which numeric mode the run was in (and so whether its digits travel)
+    assert "native kernels" in report and "reproducible numeric mode" not in report
+    results["numerics"] = "testbed"
+    report = write_report(results, tmp_path / "out2", ["mask_dpo"]).read_text()
+    assert "reproducible numeric mode" in report and "native kernels" not in report
 
 
 def test_demo_worker_pool_runs_parts_in_spawned_processes(tiny_world_dir, tmp_path):
