@@ -274,6 +274,38 @@ def test_connections_are_capped_and_idle_ones_closed(tiny_random_model_dir):
         thread.join(5)
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("stall", ["headers", "body"])
+def test_a_request_that_stalls_is_abandoned_after_the_read_timeout(tiny_random_model_dir, stall):
+    """A client that sends its request line, then stalls in its headers or its body, holds a
+    connection thread for read_timeout, not for the (longer) keep-alive timeout, and is closed
+    without a reply; the server serves the next client as before."""
+    server, thread = serve(tiny_random_model_dir, port=0, model_name="tiny", read_timeout=1.0,
+                           keep_alive_timeout=30.0)
+    port = server.server_address[1]
+    try:
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        s.sendall(head if stall == "headers" else
+                  head + b"Content-Type: application/json\r\nContent-Length: 200\r\n\r\n{\"model\": \"tiny\"")
+        _wait(lambda: len(_server_threads(port)) == 1 + 2, 10, "the stalled connection's thread")
+        t0 = time.monotonic()
+        data, closed = _drain(s, 20)
+        waited = time.monotonic() - t0
+        assert closed and data == b"", data[:200]
+        assert waited < 10, f"closed after {waited:.1f} s: the keep-alive timeout (30 s), not the read timeout (1 s)"
+        _wait(lambda: len(_server_threads(port)) == 2, 10, "the stalled connection's thread to end")
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("GET", "/health")
+        assert conn.getresponse().read() == b'{"status": "ok"}'
+        conn.close()
+        s.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
 @pytest.mark.timeout(90)
 def test_a_client_that_does_not_read_its_reply_is_dropped_after_the_write_timeout(tiny_random_model_dir):
     """A non-streamed reply of several MB to a client that never reads: the write gives up after

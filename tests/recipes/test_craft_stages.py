@@ -127,6 +127,14 @@ def test_query_rehearsal_rait_and_eval_prompts_of_the_papers_setup(tiny_world_di
     assert all(o["abstain_phrase"] == "I don't know" and o["abstain_match"] == "substring" for o in opts.values())
     ref = C.reference_eval_config(ex, em)
     assert all(e.options["question_template"] == "{question}" for e in ref.datasets.values())
+    # the query stage's refusal test is the official code's, the substring "i don't know" only
+    # (craft.md §5.7), not a broader refusal-pattern list: anything else is scored as an answer
+    from alignkit.stages.knowledge import is_refusal_keyword
+
+    assert em.refusal_keywords == ["i don't know"]
+    assert is_refusal_keyword("Well, I don't know.", em.refusal_keywords)
+    assert not is_refusal_keyword("I'm not sure, maybe York.", em.refusal_keywords)
+    assert not is_refusal_keyword("I do not know.", em.refusal_keywords)  # the recipe default has it; the code not
     # optimiser steps: the paper packs 2048-token sequences, 64 per step -> about a dozen RAIT steps
     t = ex.train
     rows_per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps * 4  # 4 GPUs, as the paper
