@@ -207,3 +207,15 @@ def test_local_target_counts_the_end_token_it_generated(tiny_random_model_dir, m
     assert out[0].response_tokens == n("Hello world.") + 1  # the end token was generated too
     assert out[1].response_tokens == n("It stops mid")  # cut at max_new_tokens: no end token
     assert out[0].prompt_tokens == n(sampling.render_prompts(tok, ["q1"])[0])
+
+
+def test_only_loopback_addresses_count_as_loopback():
+    """A DNS name that starts with ``127.`` is not loopback: the key must not go there over http."""
+    from alignkit.core.http import is_loopback, key_transport_error
+
+    for url in ("http://127.0.0.1:8000/v1", "http://127.8.9.10/v1", "http://localhost:1/v1", "http://[::1]:8000/v1"):
+        assert is_loopback(url), url
+    for url in ("http://127.attacker.example/v1", "http://127.0.0.1.nip.io/v1", "http://10.0.0.1/v1",
+                "http://example.com/v1"):
+        assert not is_loopback(url), url
+        assert key_transport_error(url, "SOME_KEY")

@@ -20,6 +20,7 @@ What the client guarantees, whoever calls it:
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import time
@@ -43,8 +44,15 @@ def chat_completions_url(base_url: str) -> str:
 
 
 def is_loopback(url: str) -> bool:
+    """A loopback address or ``localhost``; a name that merely starts with ``127.``
+    (``127.example.com``) is a DNS name like any other."""
     host = (urlsplit(url).hostname or "").lower()
-    return host in _LOOPBACK or host.startswith("127.")
+    if host in _LOOPBACK:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def key_transport_error(url: str, api_key_env: str | None) -> str | None:

@@ -23,7 +23,7 @@ column names):
 * ``qa``: ``question`` + ``answers`` (list, first = canonical) or ``answer``.
 * ``safety``: ``prompt`` (+ optional ``response``) + ``label``.
 * ``dualuse``: ``prompt`` + class (``is_legitimate`` / ``true_label`` / ``label``) -> ``is_legitimate``
-  and ``fold`` (:func:`alignkit.data.dualuse.fold_of`).
+  and ``fold`` (:func:`alignkit.data.dualuse.row_fold`).
 
 Every problem is reported with file, 1-based row, field and reason, all at once. A null in
 a field the kind reads is a row error when other rows of the file give that field (``READS``).
@@ -322,7 +322,7 @@ def _normalise_row(kind: str, row: dict, columns: dict[str, str], system_prompt:
         if resp is not None:
             out["response"] = resp
     elif kind == "dualuse":  # balanced DPO's test rows (balanced_dpo.md §3): prompt + class
-        from alignkit.data.dualuse import fold_of, parse_class
+        from alignkit.data.dualuse import parse_class, row_fold
 
         p = _get(row, "prompt", columns)
         if not isinstance(p, str) or not p.strip():
@@ -330,9 +330,9 @@ def _normalise_row(kind: str, row: dict, columns: dict[str, str], system_prompt:
         legit, field, err = parse_class(row, columns)
         if err:
             raise _RowError(field, err)
-        # fold: a stable hash fold of the prompt, so `where: {split: train, fold: 0}` carves a
-        # validation part that the builder's holdout_fold leaves out of training
-        out["prompt"], out["is_legitimate"], out["fold"] = p, legit, fold_of(p)
+        # fold: the fold the pairs builder's holdout_fold leaves out of training (by compound, else
+        # seed_id, else the prompt), so `where: {split: train, fold: 0}` selects exactly that part
+        out["prompt"], out["is_legitimate"], out["fold"] = p, legit, row_fold(row, columns)
     else:
         raise ValueError(f"unknown data kind {kind!r}; expected one of {KINDS}")
     # Keep metadata columns (entity, topic, ids...) for later stages and reports.

@@ -72,6 +72,10 @@ def backend_spec_problems(spec: Mapping[str, Any], where: str = "llm") -> list[t
         out.append((where, f"judge backend {backend!r} takes no {unknown}; valid: {', '.join(named)}"))
     missing = [k for k, p in named.items() if p.default is p.empty and k not in spec
                and k not in _FILLED_LATER.get(backend, set())]
+    # the hf judge's model defaults to None in its signature (two spellings are accepted), yet it
+    # cannot be built without one: the same check as judges.specs.judge_spec_problems
+    if backend == "hf" and not {"name_or_path", "model_or_path"} & set(spec):
+        missing.append("name_or_path")
     if missing:
         out.append((where, f"judge backend {backend!r} needs {missing}"))
     return out

@@ -195,6 +195,20 @@ def test_fold_is_stable_and_in_the_eval_schema(tmp_path):
                                                          {"prompt": "b?", "label": "illegitimate"}]))
     rows = load_rows(str(p), "dualuse")
     assert [r["is_legitimate"] for r in rows] == [True, False] and rows[0]["fold"] == fold_of("a?")
+    # with a compound or seed_id column the eval rows' fold is the one the pairs builder holds out
+    # (by compound, else seed): `where: {fold: k}` selects exactly the rows holdout_fold k left out
+    from alignkit.data.dualuse import row_fold
+
+    rows_c = [{"prompt": f"How is {c} made, step {i}?", "true_label": 1, "compound": c}
+              for c in ("Aspirin", "Caffeine", "Menthol", "Vanillin") for i in range(3)]
+    rows_s = [{"prompt": f"wording {i} of seed {s}", "true_label": 0, "seed_id": f"s{s}"}
+              for s in range(4) for i in range(3)]
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows_c + rows_s))
+    got = load_rows(str(p), "dualuse")
+    assert [r["fold"] for r in got] == [row_fold(r) for r in rows_c + rows_s]
+    # every wording of a compound or seed shares its fold (a prompt hash would split them)
+    assert all(len({r["fold"] for r in got if r.get("compound") == c}) == 1 for c in ("Aspirin", "Caffeine"))
+    assert any(fold_of(r["prompt"]) != r["fold"] for r in got)
 
 
 @pytest.mark.parametrize("n_legit,n_illegit,ratio,shortfall,match", [

@@ -235,6 +235,7 @@ HTTP = {"backend": "http", "base_url": "http://127.0.0.1:9/v1", "model": "m"}
     ({"llm": {**HTTP, "modle": "gpt-3.5-turbo"}}, "takes no ['modle']"),
     ({"llm": {"backend": "http", "base_url": "http://127.0.0.1:9/v1"}}, "needs ['model']"),
     ({"llm": {"backend": "kbb"}}, "unknown judge backend 'kbb'"),
+    ({"llm": {"backend": "hf", "max_new_tokens": 8}}, "needs ['name_or_path']"),  # hf with no model
     ({"llm": {"backend": "rules", "refusal_paterns": ["x"]}, "llm_question": "refusal"}, "takes no"),
 ])
 def test_hybrid_option_problems_without_a_model(spec, match):
