@@ -76,3 +76,22 @@ def test_auto_with_nothing_complete_starts_over_cleanly(tiny_random_model_dir, t
     steps = [json.loads(x)["step"] for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
              if "loss" in json.loads(x)]
     assert steps == [1, 2, 3]  # the killed run's lines are gone, not mixed in
+
+
+def test_auto_with_nothing_complete_drops_a_recipes_run_state(tiny_random_model_dir, toy_data, tmp_path):
+    """A recipe's own run state (TA-SFT's frozen cost embedding) is read back only by a resume: when
+    auto finds nothing complete, it goes with the killed run's logs, so a restart (perhaps on another
+    model of the same shape) takes the copy from its own base weights."""
+    from alignkit.recipes.ta_sft import COST_FILE
+    from alignkit.training.rundir import prepare_run_dir
+
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("{}\n")
+    (run / COST_FILE).write_bytes(b"the killed run's copy")
+    (run / "notes.txt").write_text("a user's file")
+    raw = toy_config("dpo", tiny_random_model_dir, toy_data["pref"], run)
+    got, resume = prepare_run_dir(load_config(raw, ["train.resume_from_checkpoint=auto"]), run_state=(COST_FILE,))
+    assert got == run and resume is None
+    assert not (run / COST_FILE).exists() and not (run / "metrics.jsonl").exists()
+    assert (run / "notes.txt").exists()

@@ -598,7 +598,9 @@ def train(cfg: RunConfig, callbacks=()) -> Path:
                               max_errors=cfg.data.max_errors)
         eval_ds = Dataset.from_list([{"input_ids": r["input_ids"], "completion_mask": r["completion_mask"],
                                       "kind": 0} for r in ev])
-    run_dir, resume = prepare_run_dir(cfg)
+    # a killed run's frozen cost copy is not this run's when auto finds nothing to resume (the
+    # model may have changed since); a resume reads it back (base_cost_embedding)
+    run_dir, resume = prepare_run_dir(cfg, run_state=(COST_FILE,))
     b = cfg.train.per_device_train_batch_size
     per = safety_rows_per_batch(b, batches.ratio)
     report = {**safety_report, "safety_rows_per_batch": per, "sft_rows_per_batch": b,

@@ -64,8 +64,10 @@ def resolve_resume(cfg: RunConfig) -> str | None:
     return r
 
 
-def prepare_run_dir(cfg: RunConfig) -> tuple[Path, str | None]:
-    """Create the run dir, refusing to clobber an earlier run unless resuming or told to."""
+def prepare_run_dir(cfg: RunConfig, run_state: tuple[str, ...] = ()) -> tuple[Path, str | None]:
+    """Create the run dir, refusing to clobber an earlier run unless resuming or told to.
+    ``run_state``: a recipe's own files that only a resume may read back (TA-SFT's frozen cost
+    embedding); like the logs, they are dropped when ``auto`` finds nothing to resume."""
     run = Path(cfg.output_dir)
     resume = resolve_resume(cfg)
     # Only rank 0 decides: other ranks would see the directory rank 0 just created. If
@@ -74,7 +76,7 @@ def prepare_run_dir(cfg: RunConfig) -> tuple[Path, str | None]:
         if cfg.train.resume_from_checkpoint == "auto" and not (run / RUN_MARKER).exists():
             # auto with nothing complete to resume: start over, dropping the killed run's logs and
             # incomplete checkpoints so they don't mix with the new run's.
-            for stale in ("metrics.jsonl", "tb", "checkpoints"):
+            for stale in ("metrics.jsonl", "tb", "checkpoints", *run_state):
                 p = run / stale
                 if p.is_dir():
                     shutil.rmtree(p)
