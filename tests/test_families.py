@@ -375,6 +375,10 @@ def test_fused_head_matches_the_models_own_logits(family, tmp_path):
     # The head is a plain Linear again afterwards (generation, saving), and soft-capping is back.
     assert "forward" not in vars(model.get_output_embeddings())
     assert getattr(model.config, "final_logit_softcapping", None) == (5.0 if family == "gemma2" else None)
+    # Never under nn.DataParallel (plain `train` with several visible GPUs): each replica would run
+    # the patched forward with the original head's device and the whole batch's rows.
+    trainer.fused_lm_head = True
+    assert trainer._fused_head(torch.nn.DataParallel(model)) is None
 
 
 def _table(tmp_path) -> str:

@@ -218,8 +218,12 @@ class PreferenceTrainer(Trainer):
     def _fused_head(self, model):
         """``(lm_head, text config)`` when the LM head can be fused with the log-softmax
         (:func:`alignkit.losses.logps.fused_target_logps`): a known family, a plain full
-        ``nn.Linear`` head (not LoRA-wrapped, not partitioned by ZeRO-3, not an FSDP shard)."""
+        ``nn.Linear`` head (not LoRA-wrapped, not partitioned by ZeRO-3, not an FSDP shard), and
+        not under ``nn.DataParallel`` (a plain ``train`` on several visible GPUs): its replicas
+        would copy the patched forward, which holds the original head and the whole batch's rows."""
         if not self.fused_lm_head or self.is_fsdp_enabled or not self._accepts_logits_to_keep(model):
+            return None
+        if self.args.n_gpu > 1 or isinstance(model, torch.nn.DataParallel):
             return None
         base = self._base_model(model)
         config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
