@@ -223,13 +223,12 @@ def test_collator_never_chooses_an_inexact_layout():
     if "attention_mask" in batch:
         assert set(batch["attention_mask"]) == {"sliding_attention", "full_attention"}
 
-    # A layer type no 4D mask describes (linear attention): separate sequences only, on every batch.
+    # A layer type no attention mask describes (linear attention, as in Qwen3-Next): its recurrent
+    # state would flow from one packed sequence into the next, so right-padded rows, under every kernel.
     odd = Qwen2Config(num_hidden_layers=2, layer_types=["full_attention", "linear_attention"])
-    odd._attn_implementation = "sdpa"
-    coll = preference_collator(0, True, odd)
-    assert coll.shared_prompt is False
-    for seed in range(5):
-        assert "attention_mask" not in coll(examples(seed))
+    for kernel in ("sdpa", "flex_attention", "flash_attention_2"):
+        odd._attn_implementation = kernel
+        assert type(preference_collator(0, True, odd)) is PreferenceCollator, kernel
 
     # flash-attention: one row, explicit sequence boundaries, never a 4D mask.
     flash = copy.deepcopy(mistral)

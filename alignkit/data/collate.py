@@ -42,9 +42,10 @@ What each attention kernel and model family needs (:func:`attention_layout`):
   a sliding window (Mistral, Gemma-2/3, Phi-3, Qwen2 with ``use_sliding_window``:
   ``pos_q - pos_kv < W``) or Llama-4's chunks (``pos_q // C == pos_kv // C``), measured in
   *position ids*, which is what the padded row's indices are. Models that mix layer types
-  take a ``{layer type: mask}`` mapping (their ``causal_mask_mapping``). A layer type whose
-  pattern is not known here (linear attention, bidirectional models) makes the shared
-  layout inexact, so it is never chosen for that model.
+  take a ``{layer type: mask}`` mapping (their ``causal_mask_mapping``). A bidirectional
+  model makes the shared layout inexact, so it is never chosen for it; a layer type that is
+  not attention (linear attention, convolutions) carries state across packed sequences, so
+  such a model gets right-padded rows (:func:`attention_layout`).
 * Separate sequences with restarting position ids are exact for sdpa, eager and flex:
   transformers remaps causal, window and chunk masks onto the position ids of packed rows.
 * flash-attention takes no 4D mask, and splits a row into sequences from ``position_ids``
@@ -242,7 +243,10 @@ def attention_layout(config) -> AttentionLayout:
         return AttentionLayout(kernel, {"full_attention": pattern})
     patterns = {t: _layer_pattern(config, t) for t in dict.fromkeys(types)}
     if any(p is None for p in patterns.values()):
-        return AttentionLayout(kernel, None)
+        # A layer no attention mask describes (linear attention, convolutions: Qwen3-Next, LFM2,
+        # Falcon-H1) carries its state from one packed sequence into the next, and a layer whose
+        # window is unknown cannot be reproduced: only right-padded rows are known to be exact.
+        return AttentionLayout("padded", None)
     return AttentionLayout(kernel, patterns, mapping=len(patterns) > 1)
 
 

@@ -72,8 +72,9 @@ def preference_collator(pad_token_id: int, packed: bool, model_config=None):
     layout = attention_layout(model_config)
     if not packed or layout.kernel == "padded":
         if packed:
-            log.warning("attention kernel %r: no packed layout is known to be exact for it; using padded rows",
-                        getattr(model_config, "_attn_implementation", None))
+            log.warning("attention kernel %r, layer types %s: no packed layout is known to be exact for them; "
+                        "using padded rows", getattr(model_config, "_attn_implementation", None),
+                        sorted(set(getattr(model_config, "layer_types", None) or ())) or "-")
         return PreferenceCollator(pad_token_id)
     try:
         cost = attention_cost_ratio(model_config)
