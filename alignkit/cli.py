@@ -42,6 +42,19 @@ def _close_process_group() -> None:
         dist.destroy_process_group()
 
 
+def _finish_experiment_trackers() -> None:
+    """Finish the trackers that flush their uploads only from Python's exit handlers (which
+    ``os._exit`` skips): wandb (transformers' callback never calls ``finish``) and comet."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()
+    comet = sys.modules.get("comet_ml")
+    if comet is not None and hasattr(comet, "get_running_experiment"):
+        exp = comet.get_running_experiment()
+        if exp is not None:
+            exp.end()
+
+
 def _exit_launched_rank(code: int) -> None:
     """End a rank of a multi-process launch (``WORLD_SIZE`` > 1) whose run has completed with
     ``os._exit``, after flushing what Python holds. Left to the interpreter's normal exit, the
@@ -53,6 +66,7 @@ def _exit_launched_rank(code: int) -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         _close_process_group()
         return
+    _finish_experiment_trackers()
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         try:

@@ -179,3 +179,21 @@ def test_validate_checks_the_eval_judge_spec(tmp_path, capsys, tiny_random_model
     assert rc == 1 and "field 'eval.judge': judge backend 'hf' takes no ['model']; the model is name_or_path" in err
     cfg["eval"]["judge"] = {"backend": "hf", "name_or_path": str(tiny_random_model_dir)}
     assert main(["validate", str(_write(tmp_path, cfg))]) == 0
+
+
+def test_a_launched_rank_finishes_its_tracker_before_os_exit(monkeypatch):
+    """A completed multi-process run ends with os._exit (no C++ teardown abort), which skips
+    Python's exit handlers: a wandb run must be finished first, or its last uploads are lost."""
+    import sys
+    import types
+
+    import alignkit.cli as cli
+
+    calls = []
+    fake = types.SimpleNamespace(run=object(), finish=lambda: calls.append("finish"))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(cli.os, "_exit", lambda code: calls.append(("exit", code)))
+    monkeypatch.setattr(cli.logging, "shutdown", lambda: calls.append("logging"))
+    cli._exit_launched_rank(0)
+    assert calls == ["finish", "logging", ("exit", 0)]
