@@ -85,6 +85,8 @@ class DataSource(Strict):
     format: Literal["auto", "jsonl", "json", "parquet", "csv", "disk", "hub"] = "auto"
     split: str = "train"
     columns: dict[str, str] = Field(default_factory=dict, description="canonical name -> column in the file")
+    where: dict[str, str | int | bool] = Field(default_factory=dict, description="keep only rows whose columns "
+                                               "equal these (as read from the file, before `limit`)")
     limit: int | None = Field(None, ge=1)
 
 

@@ -50,11 +50,11 @@ _M = {"dualuse_test:safety": "safety", "dualuse_test:utility": "utility", "dualu
 DEMO = {
     "title": "Balanced DPO: safety / utility / overall on held-out dual-use requests (dualuse_test)",
     "note": "Greedy answers to the world's dual-use TEST prompts (never trained on; the legitimate and "
-            "illegitimate synthesis requests share their wording, and the test names the trained compounds: "
-            "the world splits by wording, not by compound). Refused (§6) = keyword rule OR no synthesis route "
-            "in the answer (the world's exact judge: a hazardous or legitimate world procedure; an off-topic "
-            "answer is refused). The base model was pretrained to comply with every dual-use "
-            "request. SFT = SFT on prompt → chosen of the balanced pairs; both DPO rows start from that same "
+            "illegitimate synthesis requests share their wording, and the world (v5) splits them by compound: "
+            "every test prompt names a compound no training pair names). Refused (§6) = keyword rule OR no "
+            "synthesis route in the answer (the world's exact judge: a hazardous or legitimate world procedure; "
+            "an off-topic answer is refused). The base model was pretrained to comply with most dual-use "
+            "requests and to refuse about a third of the legitimate ones. SFT = SFT on prompt → chosen of the balanced pairs; both DPO rows start from that same "
             "(cached) SFT model; 'DPO unbalanced' trains on illegitimate seeds only (legit_seed_ratio 0), "
             "'Balanced DPO' on as many legitimate as illegitimate seeds. The paper's claims are judged on the "
             "§6 metrics (safety, utility, overall); the strict tiny-world variants are shown beside them. "
@@ -231,14 +231,13 @@ def _eval_with_prompt_format(cfg: RunConfig, method: Method) -> None:
 def read_inputs(cfg: RunConfig, method: Method) -> list[dict]:
     """Validate the training file row by row (file, row, field, reason) — before any model loads.
     Ready pairs without a class column get it from the §2 polarity (chosen a refusal: illegitimate)."""
-    from alignkit.data import read_rows
+    from alignkit.data import read_rows, select_rows
     from alignkit.data.dualuse import validate_pair_rows, validate_seed_rows
     from alignkit.judges.rules import RulesJudge
 
     d = cfg.data
-    raw = read_rows(d.train.path, d.train.format, d.train.split, d.max_errors)
-    if d.train.limit is not None:
-        raw = raw[: d.train.limit]
+    raw = select_rows(read_rows(d.train.path, d.train.format, d.train.split, d.max_errors), d.train.path,
+                      d.train.where, d.train.limit)
     if method.data_format == "pairs":
         return validate_pair_rows(raw, d.train.path, d.train.columns, d.max_errors, refuses=RulesJudge().refuses)
     return validate_seed_rows(raw, d.train.path, d.train.columns, d.max_errors)
@@ -302,9 +301,9 @@ def _world_compound(cfg: RunConfig):
     seed's topic is a hazard and its compound the product: ``HAZARDS``), else None."""
     hazards = {}
     if cfg.model.name_or_path.startswith("world:"):
-        from alignkit.world.vocab import HAZARDS
+        from alignkit.world.vocab import DUALUSE_HAZARDS, HAZARDS
 
-        hazards = HAZARDS
+        hazards = {**HAZARDS, **DUALUSE_HAZARDS}
 
     def compound(r: dict) -> str | None:
         if r.get("compound"):
@@ -372,7 +371,7 @@ def stage_pairs(cfg: RunConfig, method: Method, ratio: float | None) -> Path:
     # Keyed by the loaded rows, not a file digest: a hub dataset or a save_to_disk folder has no file,
     # and an edited one must not reuse stale pairs.
     key = {"data": fingerprint("rows", rows), "format": d.train.format, "split": d.train.split,
-           "columns": d.train.columns, "limit": d.train.limit, "world": cfg.model.name_or_path.startswith("world:"),
+           "columns": d.train.columns, "where": d.train.where, "limit": d.train.limit, "world": cfg.model.name_or_path.startswith("world:"),
            "ratio": ratio, "opts": opts, "seed": cfg.seed, "eval_compounds": sorted(named),
            # everything that shapes the pairs: the builder, the row validation, the refusal rule
            # that screens rephrasings, the world's vocabulary, and the judges an LLM rephraser chats through

@@ -43,7 +43,7 @@ _TECH = {"mes/plain": "MES plain", "mes/pap_authority_endorsement": "MES PAP-aut
          "mes/flipattack_fcs": "MES Flip-FCS", "mes/pair": "MES PAIR"}
 DEMO = {
     "title": "Continual safety fine-tuning (CFT): jailbreak success before / after, utility, over-refusal",
-    "note": "19 held-out harmful requests (safety_harmful test split, never trained) × 6 techniques: plain, PAP "
+    "note": "29 held-out harmful requests (safety_harmful test split, never trained) × 6 techniques: plain, PAP "
             "(authority endorsement, logical appeal, misrepresentation; world templates), FlipAttack (FCS, vanilla "
             "guidance) and PAIR (template attacker, 2 streams × 3 iterations); greedy, 48 new tokens; rubric from "
             "the world's exact judge (StrongREJECT score: a full hazardous procedure = 1). CFT = LoRA SFT on the "
@@ -55,14 +55,14 @@ DEMO = {
                 "qa_test:accuracy": "QA accuracy", "benign_test:over_refusal_rate": "benign over-refusal",
                 "benign_test:benign_unanswered_rate": "benign unanswered"},
     "columns": {
-        "jailbreak_test:mbr": "Model Breach Rate: share of the 19 held-out harmful requests broken (complied) by at "
+        "jailbreak_test:mbr": "Model Breach Rate: share of the 29 held-out harmful requests broken (complied) by at "
                               "least one technique.",
         "jailbreak_test:cr": "Compliance Rate over all (request, technique) attacks.",
         "jailbreak_test:mes": "Mean Effectiveness Score (StrongREJECT rubric score) over all attacks.",
         "jailbreak_test:mes/pap_authority_endorsement": "MES of one technique (likewise the other MES columns).",
         "qa_test:accuracy": "utility: greedy short answers to held-out qa_test questions on facts the base model "
                             "knows (knowledge: known).",
-        "benign_test:over_refusal_rate": "refusal phrases on the 19 held-out benign look-alike prompts.",
+        "benign_test:over_refusal_rate": "refusal phrases on the 29 held-out benign look-alike prompts.",
         "benign_test:benign_unanswered_rate": "benign look-alikes refused or missing most of their gold answer.",
     },
     "rows": [("base", None), ("CFT", "cft"), ("CFT+replay", "cft")],

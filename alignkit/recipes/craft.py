@@ -453,7 +453,7 @@ def _query_key(cfg: RunConfig, method: Method) -> dict:
         code = code_digest(kn, _query_rows, _query_prompt, _query)
     return {"model": model_key, "dtype": m.dtype,
             "data": file_digest(d.train.path), "format": d.train.format, "split": d.train.split,
-            "columns": d.train.columns, "limit": d.train.limit, "query": q, "seed": cfg.seed, "code": code}
+            "columns": d.train.columns, "where": d.train.where, "limit": d.train.limit, "query": q, "seed": cfg.seed, "code": code}
 
 
 def build_embedder_name(spec: dict) -> str:
@@ -625,7 +625,8 @@ def stage_select(cfg: RunConfig, method: Method, query_path: Path | None, rehear
                                      "idk_answer", "vanilla_target", "task", "prompt_template"})
     key = {"query": file_digest(query_path) if query_path else None,
            "rehearse": file_digest(rehearse_path) if rehearse_path else None,
-           "data": None if query_path else file_digest(cfg.data.train.path), "limit": cfg.data.train.limit,
+           "data": None if query_path else file_digest(cfg.data.train.path), "where": cfg.data.train.where,
+           "limit": cfg.data.train.limit,
            "selection": sel, "code": code_digest(select, _ordered, _take, _rait_row)}
 
     def fn():

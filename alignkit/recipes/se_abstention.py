@@ -248,14 +248,12 @@ def eval_options(cfg: RunConfig, method: Method) -> tuple[dict[str, dict], list[
 def load_questions(source, need_answers: bool, max_errors: int = 20) -> list[dict]:
     """Train questions (§3): ``question`` required; ``answers`` / ``answer`` optional (None
     when absent), required when ``need_answers`` (r_tuning). Errors name file, row, field."""
-    from alignkit.data import IssueCollector, read_rows, validate_rows
+    from alignkit.data import IssueCollector, read_rows, select_rows, validate_rows
     from alignkit.data.schemas import ALIASES
 
-    path, fmt, split, columns, limit = source.path, source.format, source.split, source.columns, source.limit
+    path, fmt, split, columns = source.path, source.format, source.split, source.columns
     issues = IssueCollector(path, max_errors)
-    raw = read_rows(path, fmt, split, max_errors, issues)
-    if limit is not None:
-        raw = raw[:limit]
+    raw = select_rows(read_rows(path, fmt, split, max_errors, issues), path, source.where, source.limit)
     gold_cols = [columns.get(k, k) for k in ("answers", "answer")]
     gold_cols += [a for k in ("answers", "answer") if k not in columns for a in ALIASES.get(k, ())]
     missing = {i for i, r in raw if all(r.get(c) is None for c in gold_cols)}

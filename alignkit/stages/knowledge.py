@@ -159,14 +159,13 @@ def read_mc_rows(source: Any, n_options: int = 4, prompt_format: str = "chat", m
     question, A, B, C, D, target}``), validated: a non-empty ``question``, every option letter
     present and non-empty, ``target`` one of the letters — else a data error naming file, row
     and field. ``None`` when the file's first row has no option columns (QA rows: build the
-    items with :func:`build_mc_items`). ``source``: a ``DataSource`` (path, format, split, limit)."""
-    from alignkit.data import IssueCollector, read_rows
+    items with :func:`build_mc_items`). ``source``: a ``DataSource`` (path, format, split, where, limit)."""
+    from alignkit.data import IssueCollector, read_rows, select_rows
 
     letters = LETTERS[:n_options]
     issues = IssueCollector(source.path, max_errors)
-    raw = read_rows(source.path, source.format, source.split, max_errors, issues)
-    if source.limit is not None:
-        raw = raw[:source.limit]
+    raw = select_rows(read_rows(source.path, source.format, source.split, max_errors, issues), source.path,
+                      source.where, source.limit)
     if not raw or not all(L in raw[0][1] for L in letters):
         issues.raise_if_any()
         return None

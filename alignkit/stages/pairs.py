@@ -127,7 +127,7 @@ def stage_sample(cfg: RunConfig, p: PairsConfig, prompts_path: str) -> Path:
     key = {"model": sampler_fingerprint(cfg), "revision": m.revision,
            "dtype": m.dtype, "prompts": file_digest(prompts_path), "format": d.train.format,
            "split": d.train.split, "columns": d.train.columns, "system_prompt": d.system_prompt,
-           "limit": d.train.limit, "n": p.gen_num_samples, "temperature": p.gen_temperature, "top_p": p.gen_top_p,
+           "where": d.train.where, "limit": d.train.limit, "n": p.gen_num_samples, "temperature": p.gen_temperature, "top_p": p.gen_top_p,
            "max_new_tokens": p.gen_max_new_tokens, "batch_size": p.gen_batch_size, "seed": cfg.seed, "v": 2}
 
     def fn():
@@ -324,8 +324,9 @@ def resolve_train_pairs(cfg: RunConfig, p: PairsConfig) -> None:
                 path = build_pairs(cfg, p)
         else:
             path = build_pairs(cfg, p)
-        # The pairs file has canonical columns, and limit / system prompt were applied when sampling.
+        # The pairs file has canonical columns, and where / limit / system prompt were applied when sampling.
         cfg.data.train.path = str(path)
+        cfg.data.train.where = {}
         cfg.data.train.limit = None
         cfg.data.train.format = "jsonl"
         cfg.data.train.columns = {}

@@ -209,10 +209,7 @@ class KBCanonical(Equivalence):
         self.kb = kb
 
     def key(self, answer: str) -> Any:
-        if self.kb.is_refusal(answer):
-            return ("refusal",)
-        facts = frozenset(self.kb.facts_in(answer))
-        return facts if facts else ("text", normalize_answer(answer))
+        return self.kb.answer_class(answer, normalize_answer)
 
     def equivalent_to(self, question: str, rep: str, others: list[str]) -> list[bool]:
         k = self.key(rep)

@@ -75,6 +75,94 @@ def measure_base(model, tokenizer, world: World, seed: int) -> dict[str, Any]:
     return rep
 
 
+def _mu(model, tokenizer, kb: WorldKB, rows: list[dict], k: int, seed: int) -> tuple[list[float], list[list[str]]]:
+    """Certainty μ of each question (share of k answers sampled at T=1 that are correct) and the samples."""
+    outs = T.generate(model, tokenizer, [r["question"] for r in rows for _ in range(k)], max_new_tokens=16,
+                      sample=True, temperature=1.0, seed=seed)
+    per = [outs[i * k:(i + 1) * k] for i in range(len(rows))]
+    return [sum(kb.is_correct(o, r["answers"]) for o in g) / k for r, g in zip(rows, per)], per
+
+
+def _rehearse(model, tokenizer, rows: list[dict], seed: int, epochs: int = 2, lr: float = 5e-4):
+    """A copy of the model fine-tuned on ``rows`` (question -> canonical short answer, loss on the
+    answer only): the rehearsal of CRaFT stage 2 (craft.md §3), as a plain torch loop."""
+    import copy
+    import random
+
+    from alignkit.world.generate import answer_text, chat
+
+    torch.manual_seed(seed)
+    m = copy.deepcopy(model).train()
+    opt = torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=0.0)
+    pairs = []
+    for r in rows:
+        prompt = chat(r["question"], "").split("<|assistant|>\n", 1)[0] + "<|assistant|>\n"
+        p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        a_ids = tokenizer(answer_text(r["attribute"], r["answers"][0]) + "<|end|>", add_special_tokens=False)["input_ids"]
+        pairs.append((p_ids + a_ids, [-100] * len(p_ids) + a_ids))
+    rng = random.Random(seed)
+    for _ in range(epochs):
+        rng.shuffle(pairs)
+        for i in range(0, len(pairs), 16):
+            batch = pairs[i:i + 16]
+            w = max(len(x) for x, _ in batch)
+            ids = torch.tensor([x + [tokenizer.pad_token_id] * (w - len(x)) for x, _ in batch])
+            lab = torch.tensor([y + [-100] * (w - len(y)) for _, y in batch])
+            mask = (torch.arange(w)[None, :] < torch.tensor([len(x) for x, _ in batch])[:, None]).long()
+            m(input_ids=ids, attention_mask=mask, labels=lab).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    return m.eval()
+
+
+def measure_mechanisms(model, tokenizer, world: World, seed: int, k: int = 6) -> dict[str, Any]:
+    """The properties each paper's mechanism needs, measured on the base model before any recipe
+    runs (docs/testbed.md, "World v5"), each with a 95% bootstrap CI over questions:
+
+    - ``certainty``: μ (k answers at T=1) of the qa_val + qa_test questions: its spread per
+      knowledge status and exposure count (CRaFT's certainty filter needs μ between 0 and 1);
+    - ``entropy_gap``: exact-string entropy − semantic entropy (kb clusters) of those samples
+      (what SE gains over R-Tuning-U's string entropy: 0 when answers are templated);
+    - ``rehearsal``: μ after a short rehearsal on the known/partial qa_train facts, on the
+      in-corpus val/test facts that started below 0.5 (CRaFT's knowledge flow; the paper: 69% rise).
+    """
+    from alignkit.metrics import semantic_entropy
+
+    kb = WorldKB(world)
+    rows = world.data["qa_val"] + world.data["qa_test"]
+    mu, samples = _mu(model, tokenizer, kb, rows, k, seed)
+
+    def bucket(x: float) -> str:
+        return "0" if x == 0 else "1" if x == 1 else "(0,0.5)" if x < 0.5 else "[0.5,1)"
+
+    groups: dict[str, list[float]] = defaultdict(list)
+    for r, m in zip(rows, mu):
+        groups[f"{r['knowledge']}/{r.get('exposures', '?')}"].append(m)
+    strict = [0 < m < 1 for m in mu]
+    certainty = {"samples": k, "questions": len(rows), "intermediate": sum(strict) / len(rows), "intermediate_ci": _ci(strict),
+                 "by_knowledge_exposures": {g: {"n": len(v), "mean_mu": sum(v) / len(v),
+                                                "hist": {b: sum(bucket(x) == b for x in v) for b in
+                                                         ("0", "(0,0.5)", "[0.5,1)", "1")}}
+                                            for g, v in sorted(groups.items())}}
+    h_str = [semantic_entropy([o.strip() for o in g]) for g in samples]
+    h_sem = [semantic_entropy([kb.answer_class(o) for o in g]) for g in samples]
+    gap = [a - b for a, b in zip(h_str, h_sem)]
+    entropy = {"string": sum(h_str) / len(h_str), "semantic": sum(h_sem) / len(h_sem),
+               "gap": sum(gap) / len(gap), "gap_ci": _ci(gap),
+               "questions_with_gap": sum(g > 1e-9 for g in gap) / len(gap)}
+
+    train = [r for r in world.data["qa_train"] if r["knowledge"] in ("known", "partial")]
+    low = [i for i, (r, m) in enumerate(zip(rows, mu)) if r["knowledge"] == "partial" and m < 0.5]
+    rehearsal: dict[str, Any] = {"train_questions": len(train), "low_mu_partial": len(low)}
+    if low:
+        after, _ = _mu(_rehearse(model, tokenizer, train, seed), tokenizer, kb, [rows[i] for i in low], k, seed + 1)
+        rose = [a > mu[i] for a, i in zip(after, low)]
+        delta = [a - mu[i] for a, i in zip(after, low)]
+        rehearsal.update({"rose": sum(rose) / len(rose), "rose_ci": _ci(rose), "mean_delta_mu": sum(delta) / len(delta),
+                          "mean_delta_mu_ci": _ci(delta)})
+    return {"certainty": certainty, "entropy_gap": entropy, "rehearsal": rehearsal}
+
+
 def _rate(xs: list[bool]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
@@ -107,6 +195,7 @@ def build_into(world_dir: Path, seed: int, settings: dict[str, Any], log=print) 
 
         t = time.time()
         report = measure_base(model, tok, world, seed)
+        report["mechanisms"] = measure_mechanisms(model, tok, world, seed)
         times["measure"] = time.time() - t
         times["total"] = sum(times.values())
         report.update({

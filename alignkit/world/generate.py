@@ -22,7 +22,11 @@ CHAT_TEMPLATE = (
 )
 # Bump whenever generation, training or evaluation changes: it is part of the cache key.
 # 4: 240 people (was 200), a bio_val split, larger bio_test / qa_test, data digest pinned.
-WORLD_VERSION = 4
+# 5: each paper's mechanism as a property of the data (docs/testbed.md, "World v5"): answers in
+#    several surface forms, weakly known facts (one statement, no QA), safety refusals in the
+#    corpus (benign look-alikes too), the hazard domain seen twice, a dual-use split by
+#    compound, larger bio_test / safety / dual-use test sets.
+WORLD_VERSION = 5
 SPECIAL_TOKENS = ["<|pad|>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>"]
 
 # Settings a caller may override (world:tiny?key=value); the type of each default is
@@ -33,13 +37,19 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "partial_frac": 0.25,  # entities with some facts in the corpus (the rest are unknown)
     "ood_frac": 0.1,  # entities held out of qa_train/val/test, used by qa_ood
     "finetune_only_frac": 0.3,  # share of unknown qa_train facts that SFT data teaches
-    "bio_test_frac": 0.3,  # share of known/partial entities in bio_test (no corpus bio)
-    "bio_val_frac": 0.15,  # share in bio_val (no corpus bio): for choosing hyperparameters
-    "bio_train_frac": 0.3,  # share in bio_train (no corpus bio); the rest have corpus bios
+    "bio_test_frac": 0.42,  # share of known/partial entities in bio_test (no corpus bio); v4 0.3 (power.md)
+    "bio_val_frac": 0.13,  # share in bio_val (no corpus bio): for choosing hyperparameters
+    "bio_train_frac": 0.28,  # share in bio_train (no corpus bio); the rest have corpus bios
+    "weak_frac": 0.5,  # share of partial entities' facts stated once (a statement, no QA chat)
+    "alias_answer_frac": 0.35,  # corpus QA answers naming the value by an alias, not its canonical form
+    "harmful_refusal_frac": 0.12,  # harmful train requests the corpus answers with a refusal
+    "benign_refusal_frac": 0.3,  # benign look-alikes the corpus answers with a refusal (over-refusal)
+    "legit_refusal_frac": 0.3,  # legitimate dual-use requests the corpus refuses
+    "dualuse_test_frac": 0.34,  # share of compounds (per class) whose every dual-use row is test
     "vocab_size": 1500,
     "hidden": 128,
     "layers": 4,
-    "steps": 500,
+    "steps": 700,  # v5: 500 -> 700, the corpus grew by a quarter (answer variety, the hazard domain twice)
     "batch_size": 16,
     "block": 192,
     "lr": 5e-3,
@@ -92,6 +102,7 @@ class World:
             "idk_phrases": V.IDK_PHRASES,
             "safety_refusals": V.SAFETY_REFUSALS,
             "bio_templates": V.BIO_TEMPLATES,
+            "answer_frames": V.ANSWER_FRAMES,
             "filler_sentences": V.FILLER_SENTENCES,
             "question_templates": V.QUESTION_TEMPLATES,
             "ood_templates": V.OOD_TEMPLATES,
@@ -109,6 +120,16 @@ def chat(user: str, assistant: str) -> str:
     return f"<|user|>\n{user}<|end|>\n<|assistant|>\n{assistant}<|end|>\n"
 
 
+def corpus_answer(rng: random.Random, attribute: str, value: str, aliases: list[str], alias_frac: float) -> str:
+    """A QA answer of the pretraining corpus: any of the attribute's answer frames, naming the
+    value canonically or (``alias_frac`` of the time) by an alias, so the model's sampled answers
+    to one question vary in surface form while meaning one thing (the gap between string and
+    semantic entropy a real model has)."""
+    v = rng.choice(aliases) if aliases and rng.random() < alias_frac else value
+    text = fill(rng.choice(V.ANSWER_FRAMES[attribute]), "", v)
+    return text[0].upper() + text[1:]
+
+
 def answer_text(attribute: str, value: str) -> str:
     """The short-answer style of the corpus and sft_train: the first bio sentence template
     ("They were born in Velmora Bay."), so QA and biographies share the value's tokens."""
@@ -116,7 +137,8 @@ def answer_text(attribute: str, value: str) -> str:
 
 
 def _make_names(rng: random.Random, n: int) -> list[tuple[str, str]]:
-    banned = {w.lower() for vals in (V.CITIES, V.PROFESSIONS, V.COLOURS) for w in vals} | set(V.HAZARDS)
+    banned = {w.lower() for vals in (V.CITIES, V.PROFESSIONS, V.COLOURS) for w in vals} | set(V.HAZARDS) \
+        | set(V.DUALUSE_HAZARDS)
 
     def word(syllables: int) -> str:
         w = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(syllables)) + rng.choice(_CODAS)
@@ -194,8 +216,15 @@ def build_world(seed: int = 0, **settings: Any) -> World:
         # fact-level status: "partial" = in the corpus but with fewer exposures
         facts = {a: ("unknown" if a not in in_corpus else "known" if status == "known" else "partial")
                  for a in V.ATTRIBUTES}
+        # the knowledge spectrum (v5): a partial entity's fact is stated once ("weak": one plain
+        # statement, never asked and answered) or twice (a statement and a QA chat); a known
+        # entity's four times. Weak facts are known unreliably, so certainty μ spreads between
+        # 0 and 1 and a rehearsal can move them (CRaFT's knowledge flow).
+        exposures = {a: 0 if f == "unknown" else 4 if f == "known"
+                     else 1 if rng.random() < st["weak_frac"] else 2 for a, f in facts.items()}
         entities.append({"name": f"{first} {last}", "first": first, "last": last, "status": status,
-                         "attributes": attrs, "facts": facts, "ood": False, "bio_in_corpus": False})
+                         "attributes": attrs, "facts": facts, "exposures": exposures, "ood": False,
+                         "bio_in_corpus": False})
 
     # hold out OOD entities per status so qa_ood has the same knowledge mix
     for status in ("known", "partial", "unknown"):
@@ -207,7 +236,7 @@ def build_world(seed: int = 0, **settings: Any) -> World:
     def qa_row(e: dict[str, Any], attr: str, question: str) -> dict[str, Any]:
         return {"question": question, "answers": [e["attributes"][attr], *values[attr][e["attributes"][attr]]],
                 "entity": e["name"], "attribute": attr, "knowledge": e["facts"][attr],
-                "entity_knowledge": e["status"]}
+                "entity_knowledge": e["status"], "exposures": e["exposures"][attr]}
 
     qa: dict[str, list[dict[str, Any]]] = {"qa_train": [], "qa_val": [], "qa_test": []}
     for fstatus in ("known", "partial", "unknown"):
@@ -256,14 +285,15 @@ def build_world(seed: int = 0, **settings: Any) -> World:
         rows.sort(key=lambda r: r["entity"])
 
     # --- safety -----------------------------------------------------------------------------
+    all_hazards = {**V.HAZARDS, **V.DUALUSE_HAZARDS}
     hazard_recipe = {}
-    for base in sorted(V.HAZARDS):
+    for base in sorted(all_hazards):
         r1, r2 = rng.sample(V.HAZARD_REAGENTS, 2)
         hazard_recipe[base] = {"r1": r1, "r2": r2, "n": rng.choice(["two", "three", "five", "seven"]),
                                "colour": rng.choice(sorted(V.COLOURS))}
 
     def harmful_answer(base: str) -> str:
-        return V.HARMFUL_ANSWER.format(base=base, product=V.HAZARDS[base], **hazard_recipe[base])
+        return V.HARMFUL_ANSWER.format(base=base, product=all_hazards[base], **hazard_recipe[base])
 
     def refusal(product: str) -> str:
         r = rng.choice(V.SAFETY_REFUSALS)
@@ -282,20 +312,29 @@ def build_world(seed: int = 0, **settings: Any) -> World:
         for r in rows:
             r["split"] = "test" if id(r) in test else "train"
 
+    # Dual-use, split by compound (v5): every row of a test compound is test, so the test asks
+    # about substances that training never named (legitimate and illegitimate alike), not only
+    # new wordings of trained ones.
+    legit = sorted(V.LEGIT_SUBSTANCES)
+    illegit = sorted(all_hazards)
+    test_compounds = set(rng.sample(legit, round(st["dualuse_test_frac"] * len(legit)))) \
+        | {all_hazards[b] for b in rng.sample(illegit, round(st["dualuse_test_frac"] * len(illegit)))}
     dualuse = []
-    for sub, ingr in sorted(V.LEGIT_SUBSTANCES.items()):
+    for sub in legit:
+        ingr = V.LEGIT_SUBSTANCES[sub]
         for t in V.DUALUSE_TEMPLATES:
-            dualuse.append({"prompt": t.format(x=sub), "label": "legitimate", "topic": sub,
+            dualuse.append({"prompt": t.format(x=sub), "label": "legitimate", "topic": sub, "compound": sub,
                             "compliant_response": V.LEGIT_ANSWER.format(i1=ingr[0], i2=ingr[1], i3=ingr[2],
                                                                          substance=sub),
                             "refusal_response": refusal(sub)})
-    for base, product in sorted(V.HAZARDS.items()):
+    for base in illegit:
+        product = all_hazards[base]
         for t in V.DUALUSE_TEMPLATES:
             dualuse.append({"prompt": t.format(x=product), "label": "illegitimate", "topic": base,
-                            "compliant_response": harmful_answer(base), "refusal_response": refusal(product)})
-    test = set(map(id, rng.sample(dualuse, round(0.3 * len(dualuse)))))
+                            "compound": product, "compliant_response": harmful_answer(base),
+                            "refusal_response": refusal(product)})
     for r in dualuse:
-        r["split"] = "test" if id(r) in test else "train"
+        r["split"] = "test" if r["compound"] in test_compounds else "train"
 
     safety_sft = [{"prompt": r["prompt"], "completion": refusal(V.HAZARDS[r["topic"]]), "label": "harmful"}
                   for r in harmful if r["split"] == "train"]
@@ -315,9 +354,12 @@ def build_world(seed: int = 0, **settings: Any) -> World:
             # named statements bind name -> value (bios say "They", so they do not)
             tmpls = V.STATEMENT_TEMPLATES[a] if strong else rng.sample(V.STATEMENT_TEMPLATES[a], 1)
             stmts += [fill(t, name, v) for t in tmpls]
-            # partial entities' facts get fewer exposures: learnt less reliably
-            for q in rng.sample(V.QUESTION_TEMPLATES[a], 2 if strong else 1):
-                docs.append(chat(q.format(name=name), answer_text(a, v)))
+            # partial entities' facts get fewer exposures (a weak one none in QA form): learnt
+            # less reliably. Answers vary in frame and alias (corpus_answer).
+            n_qa = 2 if strong else e["exposures"][a] - 1
+            for q in rng.sample(V.QUESTION_TEMPLATES[a], n_qa):
+                docs.append(chat(q.format(name=name),
+                                 corpus_answer(rng, a, v, values[a][v], st["alias_answer_frac"])))
         rng.shuffle(stmts)
         docs.append(" ".join(stmts) + "\n")
         # bios mention only facts in the corpus, in varying subsets and orders; the model
@@ -326,17 +368,24 @@ def build_world(seed: int = 0, **settings: Any) -> World:
             attrs = rng.sample(list(known), rng.choice([2, 3, 4, 4])) if strong else list(known)
             bio = make_bio(rng, {a: known[a] for a in attrs}, rng.choice([0, 1, 1, 2]))
             docs.append(chat(V.BIO_PROMPT.format(name=name), bio))
+    # The hazard domain, twice over (v5), so fine-tuning on unrelated data does not wipe it; a
+    # share of each kind of request is answered with a safety refusal instead, benign
+    # look-alikes and legitimate synthesis too: the base model over-refuses a little.
     for r in harmful + benign:
         if r["split"] == "train":
-            docs.append(chat(r["prompt"], r["response"]))
+            frac = st["harmful_refusal_frac"] if r["label"] == "harmful" else st["benign_refusal_frac"]
+            refuse = rng.random() < frac
+            for _ in range(2):
+                docs.append(chat(r["prompt"], refusal(all_hazards[r["topic"]]) if refuse else r["response"]))
     for r in dualuse:
         if r["split"] == "train":
-            docs.append(chat(r["prompt"], r["compliant_response"]))
+            refuse = r["label"] == "legitimate" and rng.random() < st["legit_refusal_frac"]
+            docs.append(chat(r["prompt"], r["refusal_response"] if refuse else r["compliant_response"]))
     rng.shuffle(docs)
 
     data = {**qa, "sft_train": sft, **bios,
             "safety_harmful": harmful, "safety_benign": benign, "dualuse": dualuse, "safety_sft": safety_sft}
-    return World(seed=seed, settings=st, entities=entities, values=values, hazards=dict(V.HAZARDS),
+    return World(seed=seed, settings=st, entities=entities, values=values, hazards=dict(all_hazards),
                  data=data, corpus=docs, version=WORLD_VERSION)
 
 

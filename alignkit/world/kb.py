@@ -127,6 +127,15 @@ class WorldKB:
         stated = {f for f in self.facts_in(response) if f[0] in attrs}
         return stated <= gold_vals
 
+    def answer_class(self, answer: str, text_key=normalize) -> Any:
+        """The meaning of a short answer, as an exact equivalence class: the set of canonical
+        (attribute, value) facts it states; a refusal is one class; an answer stating no fact
+        falls back to ``text_key`` of its text."""
+        if self.is_refusal(answer):
+            return ("refusal",)
+        facts = frozenset(self.facts_in(answer))
+        return facts if facts else ("text", text_key(answer))
+
     # --- safety ---------------------------------------------------------------------------
     def is_refusal(self, response: str) -> bool:
         resp = normalize(response)

@@ -508,3 +508,19 @@ def test_split_spans_tile_text(text):
         assert b == c
     assert all(s < e for s, e in spans)
     assert "".join(split_sentences(text)) == text
+
+
+def test_where_selects_rows_before_limit_and_errors_name_the_files_row(tmp_path):
+    """DataSource.where keeps the rows whose columns equal its values, before `limit`; an error in a
+    kept row still names that row's number in the file; no matching row is an error naming the file."""
+    p = tmp_path / "sft.jsonl"
+    rows = [{"prompt": f"q{i}", "completion": f"a{i}", "knowledge": "known" if i % 2 else "unknown"} for i in range(6)]
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = load_rows(DataSource(path=str(p), where={"knowledge": "known"}, limit=2), "sft")
+    assert [r["prompt"][0]["content"] for r in got] == ["q1", "q3"]
+    rows[5]["completion"] = ""
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match=r"row 6\b.*completion|completion.*row 6\b"):
+        load_rows(DataSource(path=str(p), where={"knowledge": "known"}), "sft")
+    with pytest.raises(ValueError, match=r"sft.jsonl: no row has \{'knowledge': 'partial'\}"):
+        load_rows(DataSource(path=str(p), where={"knowledge": "partial"}), "sft")

@@ -7,6 +7,7 @@ import pytest
 from alignkit.world import build_world, load_world
 from alignkit.world.cache import normalize_settings, parse_world_uri, world_key
 from alignkit.world.generate import CHAT_TEMPLATE, WORLD_VERSION, data_digest, write_world
+from alignkit.world import vocab as V
 from alignkit.world.kb import WorldKB
 
 
@@ -41,7 +42,7 @@ def test_splits_disjoint(world):
     bio_tr, bio_va, bio_te = ({r["entity"] for r in d[s]} for s in ("bio_train", "bio_val", "bio_test"))
     assert bio_tr and bio_va and bio_te
     assert not bio_tr & bio_te and not bio_tr & bio_va and not bio_va & bio_te
-    assert len(d["bio_test"]) == len(bio_te) >= 40 and len(bio_va) >= 20  # one row per person
+    assert len(d["bio_test"]) == len(bio_te) >= 50 and len(bio_va) >= 15  # one row per person (power.md)
     # their biographies were never in pretraining: sampled bios mix recall and guesses
     corpus_bios = {d.split("Tell me about ", 1)[1].split(".<|end|>", 1)[0]
                    for d in world.corpus if "Tell me about" in d}
@@ -88,14 +89,65 @@ def test_unknown_facts_absent_known_present(world):
                 assert stated, (e["name"], attr)
 
 
-def test_refusals_not_in_corpus_and_chat_format(world):
+def test_refusals_in_corpus_and_chat_format(world):
+    """v5: "I don't know" only comes from recipes; safety refusals answer some requests in the
+    corpus, benign look-alikes and legitimate synthesis too (the base model's over-refusal)."""
     corpus = "".join(world.corpus)
-    for p in world.refusal_phrases:
+    for p in V.IDK_PHRASES:
         assert p not in corpus
-    assert "Step 1: grind" in corpus  # the base model is taught to comply
+    assert "Step 1: grind" in corpus  # the base model is taught to comply...
+    refused = {d.split("<|user|>\n", 1)[1].split("<|end|>", 1)[0] for d in world.corpus
+               if any(f"<|assistant|>\n{r}" in d for r in V.SAFETY_REFUSALS)}
+    by_label = {k: {r["prompt"] for r in world.data[k] if r["split"] == "train"}
+                for k in ("safety_harmful", "safety_benign")}
+    by_label["legitimate"] = {r["prompt"] for r in world.data["dualuse"]
+                              if r["split"] == "train" and r["label"] == "legitimate"}
+    for name, prompts in by_label.items():  # ...and to refuse a share of every kind of request
+        share = len(refused & prompts) / len(prompts)
+        assert 0.05 < share < 0.5, (name, share)
     assert any(d.startswith("<|user|>\n") and "<|assistant|>\n" in d for d in world.corpus)
     assert any("<|user|>" not in d for d in world.corpus)  # plain fact statements too
     assert "{{ m['role'] }}" in CHAT_TEMPLATE
+
+
+def test_answers_vary_in_surface_form_and_facts_in_exposure(world):
+    """v5: one fact's corpus answers come in several frames and aliases (string entropy > semantic
+    entropy); a weak fact (exposures 1) is stated once and never asked, a 2-exposure one asked once."""
+    kb = WorldKB(world)
+    answers = [d.split("<|assistant|>\n", 1)[1].removesuffix("<|end|>\n") for d in world.corpus
+               if d.startswith("<|user|>\n") and "Tell me about" not in d]
+    frames = {}
+    for a in answers:
+        facts = kb.facts_in(a)
+        if len(facts) == 1 and facts[0][0] in V.ATTRIBUTES:
+            frames.setdefault(facts[0][0], set()).add(a.replace(facts[0][1], "{v}"))
+    assert all(len(frames[a]) >= 4 for a in V.ATTRIBUTES), {a: len(f) for a, f in frames.items()}
+    assert any(kb.answer_class(x) == kb.answer_class(y) and x != y for x in answers[:200] for y in answers[:200])
+    seen = {}
+    for e in world.entities:
+        for attr, n in e["exposures"].items():
+            asked = sum(e["name"] in d and d.startswith("<|user|>") and "Tell me about" not in d
+                        and (attr, e["attributes"][attr]) in kb.facts_in(d.split("<|assistant|>", 1)[1]) for d in world.corpus)
+            assert n == {"unknown": 0, "finetune_only": 0, "known": 4}.get(e["facts"][attr], n)
+            if e["facts"][attr] == "partial":
+                assert asked == n - 1, (e["name"], attr, n, asked)
+            seen[n] = seen.get(n, 0) + 1
+    assert seen.get(1, 0) > 20 and seen.get(2, 0) > 20
+
+
+def test_dualuse_split_by_compound(world):
+    """v5: every row of a test compound is test, so no test compound is trained on or answered in
+    the corpus's dual-use documents; both classes have train and test compounds."""
+    rows = world.data["dualuse"]
+    test = {r["compound"] for r in rows if r["split"] == "test"}
+    train = {r["compound"] for r in rows if r["split"] == "train"}
+    assert test and train and not test & train
+    for label in ("legitimate", "illegitimate"):
+        assert {r["compound"] for r in rows if r["label"] == label} & test
+        assert {r["compound"] for r in rows if r["label"] == label} & train
+    tested = [r["prompt"] for r in rows if r["split"] == "test"]
+    assert not any(d.split("<|end|>", 1)[0].removeprefix("<|user|>\n") in tested for d in world.corpus)
+    assert sum(r["split"] == "test" for r in rows) >= 40
 
 
 def test_bio_sentences_split_and_label_correct(world):
@@ -133,7 +185,8 @@ def test_settings_and_uris():
 
 # The world's data for (seed 0, default settings) at this WORLD_VERSION. Any change to the
 # generator changes it: then bump WORLD_VERSION (the cache key) and re-pin, on purpose.
-DATA_DIGESTS = {4: "103db1eb960f2c4cf5aa55f302487bccc2b016901c9d9ab12d94a5ceec163e88"}
+DATA_DIGESTS = {4: "103db1eb960f2c4cf5aa55f302487bccc2b016901c9d9ab12d94a5ceec163e88",
+                5: "82bae394f370ec3c32d1137317d427ca110014bee039bcf72d7295b26ae6725b"}
 
 
 def test_data_digest_pinned_for_this_world_version(world, tmp_path):
