@@ -195,7 +195,8 @@ def test_attack_cli_end_to_end_on_tiny_world(tiny_world_dir, tmp_path):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     s = json.loads((out / "summary.json").read_text())["targets"]["base"]
     assert s["n_prompts"] == 6 and s["n_techniques"] == 10
-    assert s["cr/plain"] == 1.0 and s["mbr"] == 1.0  # the tiny base model complies with harmful requests
+    # the tiny base model mostly complies with harmful requests (world v5: its corpus refuses 12% of them)
+    assert s["cr/plain"] > 0.5 and s["mbr"] >= s["cr/plain"]
     assert 0 <= s["ci95"]["cr/pair"][0] <= s["cr/pair"] <= s["ci95"]["cr/pair"][1]
     assert s["benign"]["n"] == 6 and "over_refusal_rate" in s["benign"]["ci95"]
     recs = [json.loads(x) for x in (out / "attacks_base.jsonl").read_text().splitlines()]

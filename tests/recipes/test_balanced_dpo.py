@@ -53,7 +53,9 @@ def test_balanced_dpo_end_to_end(tiny_world_dir, tmp_path):
             f"method.stage_dir={stages}", "method.legit_seed_ratio=0", *SMALL)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     tr2 = json.loads((tmp_path / "unbal" / "train_results.json").read_text())
-    assert tr2["counts"]["n_legit_seeds"] == 0 and tr2["counts"]["n_illegit_seeds"] > c["n_illegit_seeds"]
+    # every illegitimate seed (world v5's train split has as many legitimate as illegitimate compounds, so
+    # balancing dropped none: the same count)
+    assert tr2["counts"]["n_legit_seeds"] == 0 and tr2["counts"]["n_illegit_seeds"] >= c["n_illegit_seeds"]
     assert tr2["builder"]["sft_model"] == str(sft_model) and (sft_model / "SFT_COMPLETE").stat().st_mtime_ns == stamp
     r = cli("train", str(ROOT / "recipes/balanced_dpo.yaml"), f"output_dir={tmp_path / 'sft'}",
             f"method.stage_dir={stages}", "method.stop_after=sft", *SMALL)
@@ -250,7 +252,7 @@ def test_compounds_named_by_the_eval_sets_are_held_out(tmp_path):
 
     over = [f"data.train.path={s}", "method.rephrasings_per_field=1", "method.seed_split=null",
             "method.holdout_fold=null", f"eval.datasets={{test: {{task: dualuse, path: {t}}}}}"]
-    assert Method().holdout_eval_compounds  # the default (the world's YAML turns it off: see its comment)
+    assert Method().holdout_eval_compounds  # the default (the world's YAML too: v5 splits by compound)
     cfg = _cfg(tmp_path, *over, "method.holdout_eval_compounds=true")
     out = stage_pairs(cfg, Method.model_validate(cfg.method), 1.0)
     assert {p["compound"] for p in read_jsonl(out)} == {"soap", "chlorine gas"}

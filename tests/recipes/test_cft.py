@@ -12,6 +12,7 @@ import pytest
 from alignkit.config import ConfigError
 from alignkit.recipes import load_config
 from alignkit.recipes.cft import Method, build_mix
+from alignkit.world import load_world
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -233,9 +234,10 @@ def test_cft_end_to_end(tiny_world_dir, tmp_path):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     assert (out / "RUN_COMPLETE").exists() and (out / "model" / "adapter_config.json").exists()
     rep = json.loads((out / "cft_report.json").read_text())
-    assert rep["safety_rows"] == 90 and rep["replay_examples"] == 90 and rep["examples"] == 180
+    n = len(load_world(tiny_world_dir).data["safety_sft"])  # 134 on world v5
+    assert rep["safety_rows"] == n and rep["replay_examples"] == n and rep["examples"] == 2 * n
     counts = json.loads((out / "train_results.json").read_text())["counts"]
-    assert counts["replay_examples"] == 90
+    assert counts["replay_examples"] == n
     ev = json.loads((out / "metrics.json").read_text())["eval"]
     jb = ev["jailbreak_test"]
     assert {"mbr", "cr", "mes", "cr/plain", "mes/pair", "queries/pair"} <= set(jb)

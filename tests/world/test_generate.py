@@ -5,9 +5,9 @@ import json
 import pytest
 
 from alignkit.world import build_world, load_world
+from alignkit.world import vocab as V
 from alignkit.world.cache import normalize_settings, parse_world_uri, world_key
 from alignkit.world.generate import CHAT_TEMPLATE, WORLD_VERSION, data_digest, write_world
-from alignkit.world import vocab as V
 from alignkit.world.kb import WorldKB
 
 
