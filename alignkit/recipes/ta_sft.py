@@ -71,7 +71,7 @@ DEMO = {
             "the negative semantic EMD (TA-SFT). The unsafe prompts are the dualuse 'synthesise <hazard>' "
             "requests: other wordings than the test prompts. λ = method.emd_weight (16 unless named), "
             "N = unsafe responses used. Greedy answers. The λ / N sweep rows run on the first world seed only "
-            "(demo time; in earlier 3-seed runs seeds 1–2 sat at 100% benign-unanswered for every λ and N, README).",
+            "(demo time; on world v4, seeds 1–2 sat at 100% benign-unanswered for every λ and N).",
     "evals": ["harmful_test", "benign_test", "qa_test", "harmful_val", "benign_val", "qa_val"],
     "metrics": {
         "harmful_test:harmful_compliance_rate": "harmful compliance",
@@ -88,8 +88,9 @@ DEMO = {
                                                 "or training) answered with the hazard procedure; lower is safer.",
         "benign_test:benign_unanswered_rate": "held-out benign look-alikes (same hazard words, harmless asks) not "
                                               "answered: a refusal, or a reply missing most content words of the "
-                                              "gold answer. Over-alignment in a world whose pretraining has no "
-                                              "refusal phrases shows up here.",
+                                              "gold answer. Over-alignment shows up here, also as answers that "
+                                              "are not refusal phrases (the world's base model refuses some "
+                                              "look-alikes itself: its corpus refuses 30% of them).",
         "benign_test:over_refusal_rate": "held-out benign look-alikes answered with a refusal phrase.",
         "qa_test:accuracy": "greedy short-answer accuracy on held-out qa_test questions about facts the base model "
                             "knows: utility kept?",

@@ -6,7 +6,7 @@ answers a fixed set of benign look-alike prompts greedily with the current polic
 logs the share the judge calls refusals (``watch/benign_refusal_rate``), the share left
 unanswered (``watch/benign_unanswered_rate``: a refusal, or a reply that misses most content
 words of the prompt's gold answer — the evaluation's ``benign_unanswered_rate``; over-alignment
-shows there in a world whose model has no refusal phrases), and, when harmful prompts are
+shows there also when a model rarely uses refusal phrases), and, when harmful prompts are
 given, the share of harmful compliance (``watch/harmful_compliance_rate``). Values reach ``metrics.jsonl`` and TensorBoard
 through the trainer's own ``log``: the watch sets ``control.should_log`` and a trainer
 that merges :meth:`OverAlignmentWatch.pop_logs` into its logs (see

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,9 @@ from alignkit.world import load_world
 from conftest import assert_effect
 
 ROOT = Path(__file__).resolve().parents[2]
+# The run seed of the learned-effect tests is the world's, as in `alignkit demo`: under `make margins`
+# (ALIGNKIT_WORLD_SEED=1, 2) each world seed is trained as the demo trains it; seed 0 otherwise.
+SEED = f"seed={os.environ.get('ALIGNKIT_WORLD_SEED', '0')}"
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
@@ -30,8 +34,8 @@ def _eval(run: Path) -> dict:
 @pytest.mark.learned_effect
 def test_sft_teaches_finetune_only_facts(tiny_world_dir, tmp_path):
     base = tmp_path / "base"
-    cli("eval", str(ROOT / "recipes/sft.yaml"), f"output_dir={base}")
-    cli("train", str(ROOT / "recipes/sft.yaml"), f"output_dir={tmp_path / 'sft'}")
+    cli("eval", str(ROOT / "recipes/sft.yaml"), f"output_dir={base}", SEED)
+    cli("train", str(ROOT / "recipes/sft.yaml"), f"output_dir={tmp_path / 'sft'}", SEED)
     b, s = _eval(base / "base_eval"), _eval(tmp_path / "sft")
     assert b["qa_finetune"]["accuracy"] < 0.25  # never in pretraining
     assert_effect("SFT - base accuracy on qa_finetune", s["qa_finetune"]["accuracy"] - b["qa_finetune"]["accuracy"],
@@ -50,9 +54,9 @@ def test_sft_teaches_finetune_only_facts(tiny_world_dir, tmp_path):
 @pytest.mark.learned_effect
 def test_mask_dpo_and_dpo_improve_factuality_on_same_pairs(tiny_world_dir, tmp_path):
     base = tmp_path / "base"
-    cli("eval", str(ROOT / "recipes/mask_dpo.yaml"), f"output_dir={base}")
-    cli("train", str(ROOT / "recipes/mask_dpo.yaml"), f"output_dir={tmp_path / 'mask'}")
-    cli("train", str(ROOT / "recipes/dpo.yaml"), f"output_dir={tmp_path / 'dpo'}")
+    cli("eval", str(ROOT / "recipes/mask_dpo.yaml"), f"output_dir={base}", SEED)
+    cli("train", str(ROOT / "recipes/mask_dpo.yaml"), f"output_dir={tmp_path / 'mask'}", SEED)
+    cli("train", str(ROOT / "recipes/dpo.yaml"), f"output_dir={tmp_path / 'dpo'}", SEED)
     runs = {"Mask-DPO": tmp_path / "mask", "DPO": tmp_path / "dpo", "base": base / "base_eval"}
     res = {k: _eval(v) for k, v in runs.items()}
     m = res["Mask-DPO"]["bio_test"]["score"]
